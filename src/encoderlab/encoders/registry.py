@@ -1,0 +1,104 @@
+"""One registry of encoders and one spec parser.
+
+A spec is ``PREFIX:REST`` (``hf:openai/clip-vit-base-patch32``, ``hf-vision:facebook/dinov2-small``,
+``hf-text:BAAI/bge-small-en``, ``open_clip:ViT-B-32/laion2b_s34b_b79k``, ``local:path/to/dir``) or a registered
+name (``efficientnet-lite0``, ``minilm-l6``). Adapters register a prefix factory; named encoders register a
+factory under their name. ``create_encoder`` is the only place that turns a string into a model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import EncoderlabError, UnknownNameError, close_matches
+from .base import Encoder, EncoderInfo
+
+Factory = Callable[..., Encoder]  # factory(target: str, *, device, precision) -> Encoder
+
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    prefix: str | None  # None for a registered name
+    target: str  # the part after the prefix, or the name
+
+
+_PREFIXES: dict[str, tuple[Factory, str]] = {}
+_NAMED: dict[str, tuple[Factory, EncoderInfo]] = {}
+_BUILTINS_LOADED = False
+
+
+def register_prefix(prefix: str, factory: Factory, description: str) -> None:
+    """Register an adapter for specs of the form ``prefix:target``."""
+    _PREFIXES[prefix] = (factory, description)
+
+
+def register_encoder(info: EncoderInfo, factory: Factory) -> None:
+    """Register a named encoder (``factory(name, device=..., precision=...)``)."""
+    _NAMED[info.name] = (factory, info)
+
+
+def _load_builtins() -> None:
+    # Adapters register themselves on import; imported lazily so `import encoderlab` stays light.
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        from . import hf, local, open_clip, packaged  # noqa: F401
+
+
+def parse_spec(spec: str) -> ParsedSpec:
+    """Split a spec into prefix and target; unknown prefixes and names fail with close matches."""
+    _load_builtins()
+    if not isinstance(spec, str) or not spec.strip():
+        raise EncoderlabError(f"empty encoder spec {spec!r}", "see `encoderlab encoders list`")
+    spec = spec.strip()
+    if spec in _NAMED:
+        return ParsedSpec(None, spec)
+    prefix, sep, target = spec.partition(":")
+    if sep and prefix in _PREFIXES:
+        if not target:
+            raise EncoderlabError(f"encoder spec {spec!r} names no model after '{prefix}:'", _example(prefix))
+        return ParsedSpec(prefix, target)
+    choices = sorted(_NAMED) + [p + ":" for p in sorted(_PREFIXES)]
+    guess = close_matches(prefix + ":" if sep else spec, choices)
+    hint = f"did you mean {', '.join(guess)}?" if guess else "see `encoderlab encoders list`"
+    what = f"unknown encoder prefix {prefix + ':'!r} in {spec!r}" if sep else f"unknown encoder {spec!r}"
+    raise UnknownNameError(f"{what}; {hint} Known: {', '.join(choices)}")
+
+
+def _example(prefix: str) -> str:
+    return {
+        "hf": "e.g. hf:openai/clip-vit-base-patch32 or hf:/path/to/saved/model",
+        "hf-vision": "e.g. hf-vision:facebook/dinov2-small",
+        "hf-text": "e.g. hf-text:sentence-transformers/all-MiniLM-L6-v2",
+        "open_clip": "e.g. open_clip:ViT-B-32/laion2b_s34b_b79k",
+        "local": "e.g. local:runs/aligned-model",
+    }.get(prefix, "see `encoderlab encoders list`")
+
+
+def create_encoder(spec: str, device: str | None = None, precision: str | None = None) -> Encoder:
+    """Build the encoder a spec names. ``device``: auto/cpu/cuda/mps; ``precision``: auto/fp32/fp16/bf16."""
+    from .base import select_device, select_precision
+
+    parsed = parse_spec(spec)
+    dev = select_device(device)
+    prec = select_precision(dev, precision)
+    if parsed.prefix is None:
+        factory, _ = _NAMED[parsed.target]
+    else:
+        factory, _ = _PREFIXES[parsed.prefix]
+    enc = factory(parsed.target, device=dev, precision=prec)
+    enc.spec = spec.strip()
+    return enc
+
+
+def list_encoders(pattern: str | None = None) -> list[EncoderInfo]:
+    """Named encoders and adapter prefixes, filtered by a glob or substring pattern."""
+    _load_builtins()
+    infos = [info for _, info in _NAMED.values()]
+    infos += [EncoderInfo(name=p + ":<id>", modalities=(), description=d) for p, (_, d) in _PREFIXES.items()]
+    if pattern:
+        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        infos = [i for i in infos if fnmatch.fnmatch(i.name.lower(), pat.lower())]
+    return sorted(infos, key=lambda i: i.name)

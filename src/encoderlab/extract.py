@@ -1,0 +1,303 @@
+"""The one extraction loop: every encoder, every dataset, into the embedding store.
+
+Images are decoded and resized in DataLoader worker processes while the model runs on the previous batch; items
+are keyed by content, so only what the store lacks is computed. Memory stays bounded: batches stream through and
+the store writer flushes a shard every ``shard_size`` rows. Bad images are skipped and reported by path and reason
+(``strict=True`` turns any skip into an error); a CUDA out-of-memory error halves the batch and retries.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data.images import load_image
+from .data.manifest import Dataset
+from .encoders.base import Encoder
+from .errors import BadImageError, EncoderlabError
+from .hashing import image_key, text_key
+from .store import EmbeddingStore
+
+
+@dataclass
+class ExtractResult:
+    """What one extraction did. ``keys[i]`` is the content key of dataset row i (None where it was skipped)."""
+
+    modality: str
+    items: int  # rows asked for
+    encoded: int  # distinct contents computed now
+    cached: int  # distinct contents already in the store
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    keys: list[str | None] = field(default_factory=list)
+    fingerprint: str = ""
+
+    @property
+    def items_per_s(self) -> float:
+        """Newly encoded items per second of wall time (0 when nothing needed encoding)."""
+        return self.encoded / self.seconds if self.seconds > 0 and self.encoded else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "modality": self.modality,
+            "items": self.items,
+            "encoded": self.encoded,
+            "cached": self.cached,
+            "skipped": len(self.skipped),
+            "seconds": round(self.seconds, 3),
+            "items_per_s": round(self.items_per_s, 2),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def default_batch_size(encoder: Encoder, modality: str) -> int:
+    """A throughput-oriented default: the encoder's own preference, else larger on accelerators."""
+    pref = getattr(encoder, "preferred_batch_size", None)
+    if modality == "image" and pref:
+        return int(pref)
+    if encoder.device.type == "cpu":
+        return 32 if modality == "image" else 128
+    return 256 if modality == "image" else 512
+
+
+def default_num_workers() -> int:
+    """Decode workers: leave the model most cores on small machines, but always overlap decode with compute."""
+    n = os.cpu_count() or 1
+    return max(1, min(8, n // 2))
+
+
+def space_for(store: EmbeddingStore, encoder: Encoder, modality: str):
+    """The store space holding this encoder's embeddings of one modality."""
+    fp = encoder.fingerprint(modality)  # type: ignore[arg-type]
+    meta = {"spec": encoder.spec, "modality": modality, "embed_dim": encoder.embed_dim, "precision": encoder.precision}
+    return store.space(fp, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    """(key, path) pairs -> (key, tensor or None, path, reason). Errors become data, never worker crashes."""
+
+    def __init__(self, items: list[tuple[str, str]], transform: Callable, max_pixels: int | None) -> None:
+        self.items = items
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, str, str]:
+        key, path = self.items[i]
+        try:
+            img = load_image(path, max_pixels=self.max_pixels)
+            return key, self.transform(img), path, ""
+        except BadImageError as e:
+            return key, None, path, e.reason
+        except Exception as e:  # a transform failing on one odd image must not end the run
+            return key, None, path, f"transform-failed: {type(e).__name__}: {e}"
+
+
+def _collate(batch: list[tuple[str, torch.Tensor | None, str, str]]):
+    good = [(k, t) for k, t, _, _ in batch if t is not None]
+    bad = [(k, {"path": p, "reason": r}) for k, t, p, r in batch if t is None]
+    keys = [k for k, _ in good]
+    pixels = torch.stack([t for _, t in good]) if good else None
+    return keys, pixels, bad
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _encode_with_backoff(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Run ``encode``; on out-of-memory split the batch in halves (recursively) instead of failing the run."""
+    try:
+        return encode(x)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        if not _is_oom(e) or len(x) <= 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(x) // 2
+        return torch.cat([_encode_with_backoff(encode, x[:half]), _encode_with_backoff(encode, x[half:])])
+
+
+def _hash_images(paths: Sequence[str | None], workers: int = 4) -> tuple[list[str | None], list[dict[str, str]]]:
+    """Content keys for image paths (threaded: hashing is I/O bound); unreadable files are reported."""
+
+    def one(p: str | None) -> tuple[str | None, dict[str, str] | None]:
+        if p is None:
+            return None, None
+        try:
+            return image_key(p), None
+        except FileNotFoundError:
+            return None, {"path": str(p), "reason": "missing"}
+        except IsADirectoryError:
+            return None, {"path": str(p), "reason": "is-a-directory"}
+        except OSError as e:
+            return None, {"path": str(p), "reason": f"unreadable: {e.strerror or e}"}
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, paths))
+    return [k for k, _ in results], [s for _, s in results if s]
+
+
+def extract_images(
+    encoder: Encoder,
+    dataset: Dataset,
+    store: EmbeddingStore,
+    *,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    max_pixels: int | None = None,
+    shard_size: int = 4096,
+    progress: bool = True,
+    strict: bool = False,
+) -> ExtractResult:
+    """Embed every image of ``dataset`` that the store lacks; returns counts, skips and per-row keys."""
+    encoder.check_modality("image")
+    t0 = time.perf_counter()
+    space = space_for(store, encoder, "image")
+    paths = list(dataset.table["image"])
+    if all(p is None for p in paths):
+        raise EncoderlabError(f"dataset {dataset.source!r} has no images", "embed its texts with --modality text")
+    keys, skipped = _hash_images(paths)
+    wanted = list(dict.fromkeys(k for k in keys if k is not None))
+    todo = set(space.missing(wanted))
+    first_path: dict[str, str] = {}
+    for k, p in zip(keys, paths):
+        if k is not None and k in todo and k not in first_path:
+            first_path[k] = str(p)
+    items = list(first_path.items())
+    n_rows = sum(p is not None for p in paths)
+    result = ExtractResult("image", n_rows, 0, len(wanted) - len(items), skipped, fingerprint=space.fingerprint)
+    if strict and skipped:
+        _raise_strict(skipped)
+    if items:
+        bs = batch_size or default_batch_size(encoder, "image")
+        workers = default_num_workers() if num_workers is None else num_workers
+        loader = torch.utils.data.DataLoader(
+            _DecodeDataset(items, encoder.image_transform(), max_pixels),
+            batch_size=bs,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=encoder.device.type == "cuda",
+            prefetch_factor=2 if workers > 0 else None,
+        )
+        failed: set[str] = set()
+        with space.writer(shard_size=shard_size) as writer, _progress(len(items), "img", progress) as bar:
+            for batch_keys, pixels, bad in loader:
+                for key, b in bad:
+                    if strict:
+                        _raise_strict([b])
+                    result.skipped.append(b)
+                    failed.add(key)
+                if pixels is not None:
+                    emb = _encode_with_backoff(lambda x: encoder.encode_pixels(x), pixels)
+                    writer.add(batch_keys, emb.numpy().astype(np.float32, copy=False))
+                    result.encoded += len(batch_keys)
+                bar.update(len(batch_keys) + len(bad))
+        # Rows whose content failed to decode get no key, so nothing downstream reads a missing embedding.
+        keys = [None if k in failed else k for k in keys]
+    result.keys = keys
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- texts
+
+
+def extract_texts(
+    encoder: Encoder,
+    dataset: Dataset | Sequence[str],
+    store: EmbeddingStore,
+    *,
+    batch_size: int | None = None,
+    shard_size: int = 4096,
+    progress: bool = True,
+) -> ExtractResult:
+    """Embed every distinct text (all captions of all rows) that the store lacks.
+
+    ``keys[i]`` is the key of row i's *first* text; ``text_keys`` of all captions come from ``hashing.text_key``.
+    """
+    encoder.check_modality("text")
+    t0 = time.perf_counter()
+    space = space_for(store, encoder, "text")
+    if isinstance(dataset, Dataset):
+        per_row = [list(t) if t is not None else [] for t in dataset.table["texts"]]
+    else:
+        per_row = [[t] for t in dataset]
+    if not any(per_row):
+        raise EncoderlabError("the dataset has no texts", "embed its images with --modality image")
+    distinct = list(dict.fromkeys(t for row in per_row for t in row))
+    key_of = {t: text_key(t) for t in distinct}
+    todo = set(space.missing([key_of[t] for t in distinct]))
+    texts = [t for t in distinct if key_of[t] in todo]
+    result = ExtractResult("text", sum(1 for r in per_row if r), 0, len(distinct) - len(texts), [],
+                           fingerprint=space.fingerprint)
+    if texts:
+        bs = batch_size or default_batch_size(encoder, "text")
+        texts.sort(key=len)  # similar lengths per batch: least padding
+        with space.writer(shard_size=shard_size) as writer, _progress(len(texts), "text", progress) as bar:
+            for start in range(0, len(texts), bs):
+                chunk = texts[start : start + bs]
+                emb = _encode_text_with_backoff(encoder, chunk)
+                writer.add([key_of[t] for t in chunk], emb.numpy().astype(np.float32, copy=False))
+                result.encoded += len(chunk)
+                bar.update(len(chunk))
+    result.keys = [key_of[r[0]] if r else None for r in per_row]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _encode_text_with_backoff(encoder: Encoder, texts: list[str]) -> torch.Tensor:
+    try:
+        return encoder.encode_texts(texts, batch_size=len(texts))
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        if not _is_oom(e) or len(texts) <= 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(texts) // 2
+        return torch.cat([_encode_text_with_backoff(encoder, texts[:half]),
+                          _encode_text_with_backoff(encoder, texts[half:])])
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _raise_strict(skipped: list[dict[str, str]]) -> None:
+    first = skipped[0]
+    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    raise EncoderlabError(
+        f"--strict: {first['path']} cannot be used ({first['reason']}){more}",
+        "fix or remove the file, or drop --strict to skip and report bad files",
+    )
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NullBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _progress(total: int, unit: str, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=False, dynamic_ncols=True, smoothing=0.1, leave=True)
