@@ -38,8 +38,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split-ratios", default="train=0.8,val=0.1,test=0.1",
-                   help="ratios for hash-based splits when the source has none (default: %(default)s)")
+    p.add_argument("--split-ratios", default=None,
+                   help="re-split every item by a hash of its id, e.g. train=0.7,val=0.1,test=0.2 (default: keep the "
+                        "source's splits; a source without any gets train=0.8,val=0.1,test=0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hash-based split (default: %(default)s)")
 
 
@@ -132,7 +133,8 @@ def cmd_data_fetch(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     from .data import load_dataset
 
-    ds = load_dataset(args.data, splits=_parse_ratios(args.split_ratios), seed=args.seed)
+    ratios = _parse_ratios(args.split_ratios) if args.split_ratios else None
+    ds = load_dataset(args.data, splits=ratios, seed=args.seed)
     if args.split:
         ds = ds.select_split(args.split)
     return ds
@@ -154,7 +156,7 @@ def _parse_ratios(text: str) -> dict[str, float]:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> dict[str, Any]:
-    from .data.images import check_images
+    from .data.audit import check_images
 
     ds = _load(args)
     summary = ds.summary()
@@ -165,8 +167,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict[str, Any]:
         "data": ds.source,
         "items": len(ds),
         "classes": ds.classes,
-        "splits": {s: int(n) for s, n in summary.get("splits", {}).items()},
-        "class_counts": summary.get("classes", {}),
+        "splits": summary["per_split"],
+        "class_counts": summary["per_class"],
         "split_info": ds.split_info,
         "skipped": skipped,
     }
@@ -181,11 +183,12 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
-    from .encoders import create_encoder
+    from .encoders import create_encoder, parse_spec
     from .extract import extract_images, extract_texts
     from .paths import runs_dir, store_dir
     from .store import EmbeddingStore
 
+    parse_spec(args.encoder)  # a typo in the spec fails before any data is read
     ds = _load(args)
     encoder = create_encoder(args.encoder, device=args.device, precision=args.precision)
     has_images = ds.table["image"].notna().any()

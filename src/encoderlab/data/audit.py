@@ -1,0 +1,50 @@
+"""Find the image files of a dataset that cannot be used, without embedding anything (`encoderlab data inspect`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import BadImageError
+from .images import load_image, probe_image
+
+
+def check_images(
+    paths: Sequence[str | os.PathLike],
+    *,
+    decode: bool = False,
+    max_pixels: int | None = None,
+    progress: bool = True,
+    workers: int = 4,
+) -> list[dict[str, str]]:
+    """``[{path, reason}]`` for every file that would be skipped.
+
+    The default header check (format, dimensions, pixel limit, empty/missing/unreadable) is cheap; ``decode=True``
+    decodes every image and so also finds truncated or corrupt pixel data.
+    """
+    check = load_image if decode else probe_image
+
+    def one(p: str | os.PathLike) -> dict[str, str] | None:
+        try:
+            check(p, max_pixels=max_pixels)
+        except BadImageError as e:
+            return {"path": e.path, "reason": e.reason}
+        return None
+
+    unique = list(dict.fromkeys(os.fspath(p) for p in paths))
+    bar = None
+    if progress and unique:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(unique), unit="img", desc="decode" if decode else "check", leave=False)
+    out: list[dict[str, str]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for r in pool.map(one, unique):
+            if r:
+                out.append(r)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
