@@ -1,0 +1,469 @@
+"""The embedding store: content-keyed, sharded, resumable, memory-mapped. Every later step reads from here.
+
+Layout::
+
+    <root>/<fingerprint>/space.json          encoder meta, written once, for humans
+    <root>/<fingerprint>/shards/shard-*.npy  2-D float32/float16 rows
+    <root>/<fingerprint>/shards/shard-*.json sidecar: keys, shape, dtype, byte size, sha256 (commit record)
+    <root>/<fingerprint>/index/              consolidated key index, a cache rebuilt from sidecars at will
+
+A space is one encoder fingerprint (weights + preprocessing + modality + precision); items are keyed by
+content (``hashing.image_key`` / ``text_key``), so an image shared by two datasets is encoded once and a
+renamed file is not recomputed.
+
+- Commit: a shard's ``.npy`` is written atomically, then its sidecar; only a shard with a sidecar counts, so a
+  writer killed at any point loses at most its uncommitted rows. Its leftovers are ignored by readers and
+  deleted by the next writer once their owner (host + pid in the name) is gone.
+- Concurrency: any number of processes may write one space at once. Shard names are unique per writer and a
+  committed shard is never rewritten; readers call ``refresh()`` to see shards committed since they opened.
+- Duplicates: a writer skips keys the space (as it last read it) already holds; two writers racing may still
+  store a key twice, and readers then take the copy in the first shard in read order (sequence, name), the
+  same in every process.
+- Integrity: on its first read in a process a shard's size, npy header and sha256 must match its sidecar,
+  else ``CorruptStoreError`` names the file and the fix; ``verify()`` / ``repair()`` check or remove shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_open
+from ..errors import CorruptStoreError, EncoderlabError
+from . import shards as _shards
+from .index import KeyIndex, encode_query, key_list, load_cache, save_cache
+from .shards import ShardRecord
+from .writer import ShardWriter
+
+_FINGERPRINT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The consolidated index is rewritten once this many rows (and a quarter of the cached rows) are uncached.
+PERSIST_MIN_ROWS = 50_000
+OPEN_SHARDS = 256  # memory maps kept open per space (each holds a file descriptor)
+
+# Shards whose checksum this process has verified, keyed by identity and promise, shared by all spaces.
+_VERIFIED: set[tuple[str, int, int, int, str]] = set()
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _repair_fix(sidecar: Path) -> str:
+    return (
+        f"delete it and its sidecar {sidecar} (encoderlab will recompute those items), "
+        "or run `encoderlab store verify --repair` / EmbeddingSpace.repair()"
+    )
+
+
+class MissingEmbeddingsError(EncoderlabError, KeyError):
+    """Some requested keys have no embedding in this space; ``missing_keys`` lists them in request order."""
+
+    def __init__(self, missing_keys: list[str], requested: int, fingerprint: str) -> None:
+        self.missing_keys = missing_keys
+        super().__init__(
+            f"{len(missing_keys)} of {requested} requested keys are not in embedding space {fingerprint}"
+            f" (e.g. {missing_keys[0]!r})",
+            "compute them first: EmbeddingSpace.missing(keys) lists them, writer()/put() stores them",
+        )
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class EmbeddingStore:
+    """A directory of embedding spaces, one per encoder fingerprint."""
+
+    def __init__(self, root: str | os.PathLike | None = None, checksum_on_read: bool = True) -> None:
+        """``checksum_on_read``: hash each shard fully on its first read in a process (size and header are
+        always checked); turn off only for stores on trusted storage where first reads must be cheap."""
+        if root is None:
+            from ..paths import store_dir
+
+            root = store_dir()
+        self.root = Path(root)
+        self.checksum_on_read = checksum_on_read
+        self._spaces: dict[str, EmbeddingSpace] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({str(self.root)!r})"
+
+    def space(self, fingerprint: str, meta: Mapping[str, Any] | None = None) -> EmbeddingSpace:
+        """The space of one encoder fingerprint, created on first use; ``meta`` goes to ``space.json`` once."""
+        if not isinstance(fingerprint, str) or not _FINGERPRINT_RE.match(fingerprint):
+            raise EncoderlabError(
+                f"invalid encoder fingerprint {fingerprint!r}",
+                "a fingerprint is 1-128 letters, digits, '.', '_' or '-' (e.g. a hex digest), used as a directory name",
+            )
+        with self._lock:
+            sp = self._spaces.get(fingerprint)
+            if sp is None:
+                sp = self._spaces[fingerprint] = EmbeddingSpace(
+                    self.root / fingerprint, fingerprint, checksum_on_read=self.checksum_on_read
+                )
+        if meta is not None:
+            sp._write_meta(dict(meta))
+        return sp
+
+    def spaces(self) -> list[dict[str, Any]]:
+        """One summary per space on disk: fingerprint, meta, items, shards, dim, bytes (and problem, if any)."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and _FINGERPRINT_RE.match(p.name)):
+            if not (d / "space.json").exists() and not (d / "shards").is_dir():
+                continue
+            out.append(self.space(d.name).summary())
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Totals over all spaces."""
+        spaces = self.spaces()
+        return {
+            "root": str(self.root),
+            "spaces": len(spaces),
+            "items": sum(s["items"] or 0 for s in spaces),
+            "shards": sum(s["shards"] for s in spaces),
+            "bytes": sum(s["bytes"] for s in spaces),
+            "problems": sum(1 for s in spaces if s.get("problem")),
+        }
+
+
+class EmbeddingSpace:
+    """The embeddings of one encoder, keyed by content; see the module docstring for the layout."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str | None = None, checksum_on_read: bool = True) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint or self.path.name
+        self.checksum_on_read = checksum_on_read
+        self.shards_dir = self.path / "shards"
+        self.index_dir = self.path / "index"
+        self._lock = threading.RLock()
+        self._index: KeyIndex | None = None
+        self._bad: dict[str, str] = {}  # sidecar name -> why it could not be read
+        self._cached_rows = 0  # rows covered by the on-disk index cache
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"EmbeddingSpace({str(self.path)!r})"
+
+    # ------------------------------------------------------------------------------------------ meta
+
+    @property
+    def meta(self) -> dict[str, Any] | None:
+        """What ``space.json`` records about the encoder (None if it was never written)."""
+        try:
+            obj = json.loads((self.path / "space.json").read_bytes())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptStoreError(
+                f"{self.path / 'space.json'} is not valid JSON ({e})", "delete it; it only describes the space"
+            ) from None
+        return obj.get("meta") if isinstance(obj, dict) else None
+
+    def _write_meta(self, meta: dict[str, Any]) -> None:
+        path = self.path / "space.json"
+        if path.exists():
+            with contextlib.suppress(CorruptStoreError):
+                if self.meta is not None:
+                    return  # written once: the fingerprint already pins what it describes
+        doc = {"format": _shards.FORMAT, "fingerprint": self.fingerprint, "meta": meta}
+        with atomic_open(path, "wb") as f:
+            _shards.share_mode(f)
+            f.write((json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
+
+    # ----------------------------------------------------------------------------------------- index
+
+    def _load(self) -> KeyIndex:
+        with self._lock:
+            if self._index is None:
+                self._read_index(full=True)
+            if self._bad:
+                name, why = next(iter(self._bad.items()))
+                sidecar = self.shards_dir / (name + ".json")
+                raise CorruptStoreError(
+                    f"{len(self._bad)} shard sidecar(s) of embedding space {self.fingerprint} cannot be read:"
+                    f" {sidecar}: {why}",
+                    _repair_fix(sidecar).replace("delete it and its sidecar", f"delete {sidecar} and its .npy"),
+                )
+            assert self._index is not None
+            return self._index
+
+    def _read_index(self, full: bool) -> None:
+        """Bring the index up to date with the sidecars on disk (from scratch if ``full``)."""
+        committed, _, _ = _shards.list_shard_files(self.shards_dir)
+        names = set(committed)
+        if not full and self._index is not None and not self._index.names <= names:
+            full = True  # shards were removed (repair): start over
+        if full or self._index is None:
+            cached = load_cache(self.index_dir, names)
+            self._index = KeyIndex([cached] if cached is not None else [])
+            self._cached_rows = cached.rows if cached is not None else 0
+        known = self._index.names
+        records, key_arrays, bad = [], [], {}
+        for name in committed:
+            if name in known:
+                continue
+            try:
+                rec, keys = _shards.read_sidecar(self.shards_dir / (name + ".json"))
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except (ValueError, OSError) as e:
+                bad[name] = str(e)
+                continue
+            records.append(rec)
+            key_arrays.append(keys)
+        self._index = self._index.added(records, key_arrays)
+        self._bad = bad
+        self._maybe_save_cache()
+
+    def _maybe_save_cache(self) -> None:
+        idx = self._index
+        if idx is None or self._bad:
+            return
+        uncached = idx.rows - self._cached_rows
+        if uncached < max(PERSIST_MIN_ROWS, self._cached_rows // 4):
+            return
+        if not idx.segments:
+            return
+        self._index = idx = idx.consolidated()
+        seg = idx.segments[0]
+        with contextlib.suppress(OSError):  # a read-only store simply stays uncached
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+            save_cache(self.index_dir, seg)
+            self._cached_rows = seg.rows
+
+    def refresh(self) -> None:
+        """Pick up shards committed (or removed) by other writers since this space was opened."""
+        with self._lock:
+            self._read_index(full=self._index is None)
+            self._maps.clear()
+
+    def _register(self, rec: ShardRecord, keys: np.ndarray) -> None:
+        with self._lock:
+            if self._index is None:
+                self._read_index(full=True)
+            else:
+                self._index = self._index.added([rec], [keys])
+
+    # ------------------------------------------------------------------------------------------ reads
+
+    @property
+    def dim(self) -> int | None:
+        """Embedding size (None until the first shard is committed, unless ``space.json`` meta has ``dim``)."""
+        idx = self._load()
+        if idx.shards:
+            return idx.shards[0].dim
+        with contextlib.suppress(CorruptStoreError):
+            meta = self.meta or {}
+            if isinstance(meta.get("dim"), int):
+                return meta["dim"]
+        return None
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        shard, _ = self._load().lookup(encode_query([key]))
+        return bool(shard[0] >= 0)
+
+    def keys(self) -> list[str]:
+        """Every stored key once, in commit order."""
+        return self._load().keys_in_order()
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """The keys with no stored embedding, first occurrence order, each once: what still needs encoding."""
+        keys = key_list(keys)
+        q = encode_query(keys)
+        shard, _ = self._load().lookup(q)
+        out, seen = [], set()
+        for i in np.flatnonzero(shard < 0).tolist():
+            k = keys[i]
+            if k not in seen:
+                seen.add(k)
+                out.append(k)
+        return out
+
+    def get(self, keys: Sequence[str]) -> np.ndarray:
+        """float32 array with one row per requested key, in request order (repeats allowed).
+
+        Rows are gathered shard by shard from memory maps, so memory is O(len(keys) * dim).
+        """
+        keys = key_list(keys)
+        q = encode_query(keys)
+        idx = self._load()
+        shard, row = idx.lookup(q)
+        absent = np.flatnonzero(shard < 0)
+        if len(absent):
+            missing = list(dict.fromkeys(keys[i] for i in absent.tolist()))
+            raise MissingEmbeddingsError(missing, len(q), self.fingerprint)
+        dim = idx.shards[0].dim if idx.shards else self.dim
+        out = np.empty((len(q), dim or 0), dtype=np.float32)
+        if not len(q):
+            return out
+        order = np.lexsort((row, shard))
+        s_sorted = shard[order]
+        cuts = np.flatnonzero(np.diff(s_sorted)) + 1
+        for part in np.split(order, cuts):
+            rec = idx.shards[int(shard[part[0]])]
+            if rec.dim != dim:
+                raise CorruptStoreError(
+                    f"shard {self.shards_dir / rec.npy_name} has dim {rec.dim} but space {self.fingerprint}"
+                    f" has dim {dim}",
+                    _repair_fix(self.shards_dir / rec.sidecar_name),
+                )
+            out[part] = self._open_shard(rec)[row[part]]
+        return out
+
+    def _open_shard(self, rec: ShardRecord) -> np.ndarray:
+        """Memory map of a shard, refused with CorruptStoreError unless it matches its sidecar."""
+        with self._lock:
+            mm = self._maps.get(rec.name)
+            if mm is not None:
+                self._maps.move_to_end(rec.name)
+                return mm
+        path = self.shards_dir / rec.npy_name
+        sidecar = self.shards_dir / rec.sidecar_name
+        try:
+            st = path.stat()
+            ident = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, rec.checksum)
+        except FileNotFoundError:
+            ident = None
+        with _VERIFIED_LOCK:
+            verified = ident in _VERIFIED
+        if not verified:
+            problem = _shards.check_shard(self.shards_dir, rec, deep=self.checksum_on_read)
+            if problem is not None:
+                if problem[0] == "missing-npy" and not sidecar.exists():
+                    raise CorruptStoreError(
+                        f"shard {path} was removed since embedding space {self.fingerprint} was read",
+                        "call refresh() on the space and retry",
+                    )
+                raise CorruptStoreError(f"embedding shard {path} is corrupt: {problem[1]}", _repair_fix(sidecar))
+            if self.checksum_on_read and ident is not None:
+                with _VERIFIED_LOCK:
+                    _VERIFIED.add(ident)
+        mm = _map_rows(path, rec)
+        with self._lock:
+            self._maps[rec.name] = mm
+            while len(self._maps) > OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        return mm
+
+    # ----------------------------------------------------------------------------------------- writes
+
+    def writer(self, shard_size: int = 4096, dtype: str = "float32") -> ShardWriter:
+        """A context manager that buffers rows and commits a shard every ``shard_size`` rows."""
+        return ShardWriter(self, shard_size=shard_size, dtype=dtype)
+
+    def put(self, keys: Sequence[str], array: Any, dtype: str = "float32") -> int:
+        """Store ``array`` rows under ``keys`` (keys already stored are skipped); returns rows written."""
+        with self.writer(dtype=dtype) as w:
+            w.add(keys, array)
+        return w.rows_written
+
+    # ------------------------------------------------------------------------------------- integrity
+
+    def verify(self, deep: bool = True) -> list[dict[str, Any]]:
+        """Check every committed shard against its sidecar (``deep``: full checksum) and list problems.
+
+        Each problem is a dict with ``kind`` ("corrupt": refused on read, or "orphan": an uncommitted file
+        that is ignored), ``problem`` (a stable short reason), ``shard``, ``path`` and ``detail``.
+        """
+        problems: list[dict[str, Any]] = []
+        committed, _, _ = _shards.list_shard_files(self.shards_dir)
+        for name in committed:
+            sidecar = self.shards_dir / (name + ".json")
+            try:
+                rec, _ = _shards.read_sidecar(sidecar)
+            except FileNotFoundError:
+                continue
+            except (ValueError, OSError) as e:
+                problems.append(
+                    {
+                        "kind": "corrupt",
+                        "problem": "invalid-sidecar",
+                        "shard": name,
+                        "path": str(sidecar),
+                        "detail": str(e),
+                    }
+                )
+                continue
+            found = _shards.check_shard(self.shards_dir, rec, deep=deep)
+            if found is not None:
+                problems.append(
+                    {
+                        "kind": "corrupt",
+                        "problem": found[0],
+                        "shard": name,
+                        "path": str(self.shards_dir / rec.npy_name),
+                        "detail": found[1],
+                        "rows": rec.rows,
+                    }
+                )
+        for o in _shards.find_orphans(self.shards_dir):
+            problems.append({k: v for k, v in o.items() if k != "removable"})
+        return problems
+
+    def repair(self) -> list[dict[str, Any]]:
+        """Delete corrupt shards (and their sidecars) and orphans of dead writers; returns what was removed.
+
+        The items of a removed shard become ``missing`` and are recomputed by the next extraction.
+        """
+        removed = []
+        with self._lock:
+            for p in self.verify(deep=True):
+                if p["kind"] != "corrupt":
+                    continue
+                paths = [self.shards_dir / (p["shard"] + ".json"), self.shards_dir / (p["shard"] + ".npy")]
+                gone = []
+                for path in paths:  # sidecar first: the shard stops counting before its data goes
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        gone.append(str(path))
+                removed.append({**p, "removed": gone})
+            for path in _shards.remove_orphans(self.shards_dir):
+                removed.append({"kind": "orphan", "path": path, "removed": [path]})
+            self._index = None
+            self._maps.clear()
+        return removed
+
+    def clean_orphans(self) -> list[str]:
+        """Delete files left by writers that were killed mid-write (writers call this when they start)."""
+        return _shards.remove_orphans(self.shards_dir)
+
+    def summary(self) -> dict[str, Any]:
+        """Fingerprint, meta, items, shards, dim and bytes of this space (what ``EmbeddingStore.spaces`` lists)."""
+        out: dict[str, Any] = {"fingerprint": self.fingerprint, "path": str(self.path)}
+        try:
+            out["meta"] = self.meta
+        except CorruptStoreError as e:
+            out["meta"], out["problem"] = None, str(e)
+        committed, _, _ = _shards.list_shard_files(self.shards_dir)
+        try:
+            with self._lock:
+                self.refresh()
+                idx = self._load()
+            out.update(items=len(idx), shards=len(idx.shards), dim=self.dim, bytes=sum(s.nbytes for s in idx.shards))
+        except CorruptStoreError as e:
+            out.update(items=None, shards=len(committed), dim=None, bytes=0, problem=str(e))
+        return out
+
+
+def _map_rows(path: Path, rec: ShardRecord) -> np.ndarray:
+    """Read-only memory map of a verified shard's rows (the header was checked, so skip re-parsing it)."""
+    dtype = np.dtype(rec.dtype)
+    header = rec.nbytes - rec.rows * rec.dim * dtype.itemsize
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype=dtype, count=rec.rows * rec.dim, offset=header).reshape(rec.rows, rec.dim)

@@ -1,0 +1,162 @@
+"""ShardWriter: buffers embeddings and commits them to a space as shards of a fixed number of rows."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import EncoderlabError
+from . import shards as _shards
+from .index import encode_query, widen
+from .shards import ShardRecord
+
+if TYPE_CHECKING:
+    from .embedding_store import EmbeddingSpace
+
+
+class ShardWriter:
+    """Buffers (keys, rows) and commits them as shards of ``shard_size`` rows; use as a context manager.
+
+    Keys already in the space, or already added to this writer, are skipped (content keys name the same
+    embedding), so a resumed extraction can re-add a batch safely. On exit the remaining rows are committed,
+    also when the block raised: what was computed is kept.
+    """
+
+    def __init__(self, space: EmbeddingSpace, shard_size: int = 4096, dtype: str = "float32") -> None:
+        if not isinstance(shard_size, int) or shard_size < 1:
+            raise EncoderlabError(f"shard_size must be a positive integer, got {shard_size!r}")
+        if dtype not in _shards.SUPPORTED_DTYPES:
+            raise EncoderlabError(f"unsupported embedding dtype {dtype!r}", f"use one of {_shards.SUPPORTED_DTYPES}")
+        self.space = space
+        self.shard_size = shard_size
+        self.dtype = np.dtype(dtype)
+        self.rows_written = 0
+        self.rows_skipped = 0
+        self.shards_written: list[str] = []
+        self._keys: list[str] = []
+        self._rows: list[np.ndarray] = []
+        self._enc: list[np.ndarray] = []  # the buffered keys as bytes, for the index
+        self._buffered: set[str] = set()
+        self._dim: int | None = None
+        self._seq = -1
+        self._closed = False
+        self._cleaned = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as e:  # keep the original error; say that the last rows could not be saved
+            warnings.warn(f"could not commit the last embeddings after an error: {e}", stacklevel=2)
+
+    @property
+    def pending(self) -> int:
+        return len(self._keys)
+
+    def add(self, keys: Sequence[str], array: Any) -> int:
+        """Buffer rows under their keys, committing full shards as they fill; returns rows accepted."""
+        if self._closed:
+            raise EncoderlabError("this ShardWriter is closed", "open a new one with space.writer()")
+        keys = _shards.check_keys(keys)
+        arr = _as_matrix(array)
+        if arr.shape[0] != len(keys):
+            raise EncoderlabError(f"got {len(keys)} keys but {arr.shape[0]} embedding rows; they must align")
+        expected = self._dim if self._dim is not None else self.space.dim
+        if expected is not None and arr.shape[1] != expected:
+            raise EncoderlabError(
+                f"embedding dim {arr.shape[1]} does not match dim {expected} of space {self.space.fingerprint}",
+                "a space holds one encoder's embeddings; a different encoder needs its own fingerprint",
+            )
+        if not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+            raise EncoderlabError(f"embedding for key {keys[bad]!r} contains NaN or inf", "check the encoder output")
+        if self.dtype == np.float16 and arr.size and np.abs(arr).max() > np.finfo(np.float16).max:
+            raise EncoderlabError(
+                f"embedding values up to {np.abs(arr).max():.4g} overflow float16", "write this space as float32"
+            )
+        self._dim = arr.shape[1]
+        if not keys:
+            return 0
+        enc = encode_query(keys)
+        shard, _ = self.space._load().lookup(enc)
+        take = np.flatnonzero(shard < 0)
+        if len(take):
+            _, first = np.unique(enc[take], return_index=True)  # a key repeated within the batch: first row
+            take = take[np.sort(first)]
+        if self._buffered and len(take):
+            take = take[[keys[i] not in self._buffered for i in take.tolist()]]
+        self.rows_skipped += len(keys) - len(take)
+        if len(take):
+            new_keys = [keys[i] for i in take.tolist()]
+            self._buffered.update(new_keys)
+            self._keys.extend(new_keys)
+            self._enc.append(enc[take])
+            self._rows.append(np.array(arr[take], dtype=np.float32))
+        while len(self._keys) >= self.shard_size:
+            self._commit(self.shard_size)
+        return len(take)
+
+    def flush(self) -> ShardRecord | None:
+        """Commit everything buffered as one shard now."""
+        return self._commit(len(self._keys)) if self._keys else None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        with self.space._lock:
+            if self.space._index is not None:
+                self.space._maybe_save_cache()
+
+    def _commit(self, n: int) -> ShardRecord:
+        rows = np.concatenate(self._rows) if len(self._rows) > 1 else self._rows[0]
+        enc = widen(self._enc) if len(self._enc) > 1 else self._enc[0]
+        keys, data = self._keys[:n], rows[:n].astype(self.dtype)
+        if not self._cleaned:
+            self._cleaned = True
+            self.space.clean_orphans()
+        self.space.shards_dir.mkdir(parents=True, exist_ok=True)
+        idx = self.space._load()
+        known = max((_shards.shard_seq(s.name) for s in idx.shards[-1:]), default=-1)
+        for _ in range(5):
+            self._seq = max(self._seq, known) + 1
+            name = _shards.new_shard_name(self._seq)
+            try:
+                rec = _shards.write_shard(self.space.shards_dir, name, keys, data)
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - five random 32-bit collisions in a row
+            raise EncoderlabError(f"could not pick a fresh shard name in {self.space.shards_dir}")
+        self.space._register(rec, enc[:n])
+        self._keys = self._keys[n:]
+        self._rows = [rows[n:]] if n < len(rows) else []
+        self._enc = [enc[n:]] if n < len(enc) else []
+        self._buffered.difference_update(keys)
+        self.rows_written += n
+        self.shards_written.append(rec.name)
+        return rec
+
+
+def _as_matrix(array: Any) -> np.ndarray:
+    """A 2-D float array from numpy or torch input (torch is never imported here)."""
+    if hasattr(array, "detach") and hasattr(array, "cpu"):
+        array = array.detach().cpu().float().numpy()
+    arr = np.asarray(array)
+    if arr.ndim != 2:
+        raise EncoderlabError(f"embeddings must be a 2-D array (rows, dim), got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise EncoderlabError(f"embeddings must be numeric, got dtype {arr.dtype}")
+    return arr
