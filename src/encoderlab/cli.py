@@ -25,6 +25,8 @@ EXAMPLES = {
         "example:\n  encoderlab data inspect emoji\n  encoderlab data inspect folder:~/pets --split test\n"
         "  encoderlab data inspect 'csv:pairs.csv?image=path&text=caption' --json"
     ),
+    "store list": "example:\n  encoderlab store list\n  encoderlab store list --store /data/emb --json",
+    "store verify": "example:\n  encoderlab store verify\n  encoderlab store verify --repair --json",
     "embed": (
         "example:\n  encoderlab embed --encoder efficientnet-lite0 --data emoji\n"
         "  encoderlab embed --encoder hf:openai/clip-vit-base-patch32 --data folder:~/pets --split train --json"
@@ -82,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_data_inspect)
 
+    st = sub.add_parser("store", help="look after the embedding store", formatter_class=fmt)
+    st_sub = st.add_subparsers(dest="action", metavar="ACTION")
+    p = st_sub.add_parser("list", help="spaces in the store (one per encoder x modality)",
+                          epilog=EXAMPLES["store list"], formatter_class=fmt)
+    p.add_argument("--store", help="embedding store directory (default: $ENCODERLAB_HOME/store)")
+    _add_common(p)
+    p.set_defaults(func=cmd_store_list)
+    p = st_sub.add_parser("verify", help="check every shard's size and checksum; --repair removes corrupt ones",
+                          epilog=EXAMPLES["store verify"], formatter_class=fmt)
+    p.add_argument("--store", help="embedding store directory (default: $ENCODERLAB_HOME/store)")
+    p.add_argument("--repair", action="store_true",
+                   help="delete corrupt shards (their items are recomputed by the next embed)")
+    _add_common(p)
+    p.set_defaults(func=cmd_store_verify)
+
     p = sub.add_parser("embed", help="compute (or reuse) embeddings of a dataset into the store",
                        epilog=EXAMPLES["embed"], formatter_class=fmt)
     p.add_argument("--encoder", required=True, help="encoder spec (see `encoderlab encoders list`)")
@@ -128,6 +145,47 @@ def cmd_data_fetch(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(f"{args.name}: ready at {path} ({out['seconds']} s)")
     return out
+
+
+def _open_store(args: argparse.Namespace):
+    from .paths import store_dir
+    from .store import EmbeddingStore
+
+    return EmbeddingStore(Path(args.store).expanduser() if args.store else store_dir())
+
+
+def cmd_store_list(args: argparse.Namespace) -> dict[str, Any]:
+    store = _open_store(args)
+    spaces = store.spaces()
+    if not args.json:
+        _table([[s["fingerprint"][:12], (s.get("meta") or {}).get("spec", "?"), (s.get("meta") or {}).get("modality", "?"),
+                 s.get("items", 0), s.get("dim"), f"{s.get('bytes', 0) / 1e6:.1f} MB"] for s in spaces],
+               ["space", "encoder", "modality", "items", "dim", "size"])
+        print(f"store: {store.root}")
+    return {"store": str(store.root), "spaces": spaces}
+
+
+def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
+    store = _open_store(args)
+    problems: list[dict[str, Any]] = []
+    removed: list[dict[str, Any]] = []
+    for s in store.spaces():
+        space = store.space(s["fingerprint"])
+        found = space.verify(deep=True)
+        problems += [{"space": s["fingerprint"], **p} for p in found]
+        if args.repair and found:
+            removed += [{"space": s["fingerprint"], **r} for r in space.repair()]
+    if not args.json:
+        for p in problems:
+            print(f"{p['space'][:12]}  {p.get('kind')}: {p.get('path') or p.get('shard')}: {p.get('problem')}")
+        print(f"{len(problems)} problem(s)" + (f", {len(removed)} removed" if args.repair else ""))
+    corrupt = [p for p in problems if p.get("kind") == "corrupt"]
+    if corrupt and not args.repair:
+        print(f"encoderlab: error: {len(corrupt)} corrupt shard(s) in {store.root} "
+              "(run `encoderlab store verify --repair` to remove them; their items are recomputed by the next embed)",
+              file=sys.stderr)
+    # Orphans (leftovers of an interrupted write) are harmless: readers ignore them and writers clean them up.
+    return {"store": str(store.root), "problems": problems, "removed": removed, "ok": not corrupt or args.repair}
 
 
 def _load(args: argparse.Namespace):
@@ -185,8 +243,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from .encoders import create_encoder, parse_spec
     from .extract import extract_images, extract_texts
-    from .paths import runs_dir, store_dir
-    from .store import EmbeddingStore
+    from .paths import runs_dir
 
     parse_spec(args.encoder)  # a typo in the spec fails before any data is read
     ds = _load(args)
@@ -194,7 +251,7 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     has_images = ds.table["image"].notna().any()
     has_texts = ds.table["texts"].map(lambda t: bool(t) if t is not None else False).any()
     modalities = _modalities(args.modality, encoder.modalities, bool(has_images), bool(has_texts), args)
-    store = EmbeddingStore(Path(args.store).expanduser() if args.store else store_dir())
+    store = _open_store(args)
     out_dir = Path(args.out).expanduser() if args.out else runs_dir() / f"embed-{time.strftime('%Y%m%d-%H%M%S')}-{_slug(args.encoder)}"
     progress = not (args.no_progress or args.json)
     results = []
@@ -314,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if getattr(args, "json", False):
         print(json.dumps(result, default=str))
-    return 0
+    return 0 if result.get("ok", True) else 1
 
 
 if __name__ == "__main__":
