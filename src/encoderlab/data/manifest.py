@@ -1,0 +1,230 @@
+"""The manifest every later step reads: one row per item (an image, a text, or an image with its captions).
+
+Columns, in this order: ``id`` (unique, stable str), ``image`` (absolute path or None), ``texts`` (list of str,
+possibly empty), ``label`` (str or None), ``split`` (str or None), then any metadata columns the source had.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import EncoderlabError, close_matches
+from .splits import DEFAULT_RATIOS, check_ratios, hash_splits, k_shot_sample
+
+CORE_COLUMNS = ("id", "image", "texts", "label", "split")
+
+
+def _clean_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):  # lists and arrays are not scalars
+        pass
+    s = str(value)
+    return s if s != "" else None
+
+
+def _clean_texts(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if type(value) is list and all(type(t) is str and t.strip() for t in value):
+        return value
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    try:
+        items = list(value)
+    except TypeError:
+        s = _clean_str(value)
+        return [s] if s and s.strip() else []
+    return [str(t) for t in items if t is not None and not (isinstance(t, float) and pd.isna(t)) and str(t).strip()]
+
+
+def normalize_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Check and normalize a manifest table: core columns first, typed values, unique non-empty ids."""
+    missing = [c for c in ("id", "image", "texts", "label", "split") if c not in table.columns]
+    if missing:
+        raise EncoderlabError(
+            f"manifest table lacks column(s) {missing}; it has {list(table.columns)}",
+            f"a manifest needs exactly {list(CORE_COLUMNS)} first, then metadata columns",
+        )
+    t = table.reset_index(drop=True).copy()
+    t["id"] = pd.Series([str(i) if _clean_str(i) is not None else None for i in t["id"].tolist()], dtype=object)
+    if t["id"].isna().any():
+        raise EncoderlabError(f"manifest has {int(t['id'].isna().sum())} item(s) with an empty id")
+    dupes = t["id"][t["id"].duplicated()].unique().tolist()
+    if dupes:
+        raise EncoderlabError(f"manifest ids must be unique; repeated: {dupes[:5]}", "give every item its own id")
+    for col, clean in (("image", _clean_str), ("texts", _clean_texts), ("label", _clean_str), ("split", _clean_str)):
+        t[col] = pd.Series([clean(v) for v in t[col].tolist()], index=t.index, dtype=object)
+    extra = [c for c in t.columns if c not in CORE_COLUMNS]
+    return t[list(CORE_COLUMNS) + extra]
+
+
+class Dataset:
+    """A manifest table plus where it came from and what was left out while reading it.
+
+    ``skipped`` lists ``{"path", "reason"}`` (and sometimes ``"detail"``) for every source entry that did not
+    become an item, so nothing is dropped silently. ``split_info`` records how ``split`` was made:
+    ``{"method": "source"}``, ``{"method": "hash", "ratios": ..., "seed": ...}`` or ``{"method": "none"}``.
+    ``info`` holds source-specific notes (e.g. symlink aliases, class display names, k-shot notes).
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        *,
+        source: str = "",
+        root: str | Path | None = None,
+        skipped: Sequence[Mapping[str, Any]] | None = None,
+        split_info: Mapping[str, Any] | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.table = normalize_table(table)
+        self.source = source
+        self.root = Path(root) if root is not None else Path(".")
+        self.skipped: list[dict[str, Any]] = [dict(s) for s in (skipped or [])]
+        if split_info is None:
+            split_info = {"method": "source"} if self.table["split"].notna().any() else {"method": "none"}
+        self.split_info: dict[str, Any] = dict(split_info)
+        self.info: dict[str, Any] = dict(info or {})
+
+    def _derive(self, table: pd.DataFrame, **changes: Any) -> Dataset:
+        # Rows of an already-normalized table need no re-validation: build the new Dataset directly.
+        new = object.__new__(Dataset)
+        new.table = table.reset_index(drop=True)
+        new.source = changes.get("source", self.source)
+        new.root = self.root
+        new.skipped = list(changes.get("skipped", self.skipped))
+        new.split_info = dict(changes.get("split_info", self.split_info))
+        new.info = dict(changes.get("info", self.info))
+        return new
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset({self.source!r}, items={len(self)}, classes={len(self.classes)}, "
+            f"splits={self.splits}, skipped={len(self.skipped)})"
+        )
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted unique labels (None excluded)."""
+        return sorted(self.table["label"].dropna().unique().tolist())
+
+    @property
+    def splits(self) -> list[str]:
+        """Sorted unique split names (None excluded)."""
+        return sorted(self.table["split"].dropna().unique().tolist())
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.table["image"].notna().any())
+
+    @property
+    def has_texts(self) -> bool:
+        return bool(self.table["texts"].map(len).gt(0).any())
+
+    def select_split(self, name: str) -> Dataset:
+        """The items of one split; an unknown name fails with the available splits."""
+        available = self.splits
+        if name not in available:
+            guess = close_matches(str(name), available)
+            hint = f"did you mean {guess[0]!r}? " if guess else ""
+            raise EncoderlabError(
+                f"unknown split {name!r} in {self.source or 'dataset'}",
+                f"{hint}available splits: {available or 'none (use with_splits to make some)'}",
+            )
+        return self._derive(self.table[self.table["split"] == name])
+
+    def subset(self, mask: Any) -> Dataset:
+        """The items where a boolean mask (Series or array aligned with ``table``) is true."""
+        return self._derive(self.table[mask])
+
+    def with_splits(
+        self,
+        ratios: Mapping[str, float] | None = None,
+        seed: int | str = 0,
+        *,
+        from_split: str | None = None,
+    ) -> Dataset:
+        """Deterministic hash splits by item id (see ``splits.hash_splits``).
+
+        With ``from_split`` only that split's items are re-split (e.g. carve ``val`` out of ``train``:
+        ``with_splits({"train": 0.9, "val": 0.1}, from_split="train")``); other items keep their split.
+        """
+        ratios = check_ratios(DEFAULT_RATIOS if ratios is None else ratios)
+        table = self.table.copy()
+        info: dict[str, Any] = {"method": "hash", "ratios": ratios, "seed": seed}
+        if from_split is None:
+            table["split"] = hash_splits(table["id"], ratios, seed)
+        else:
+            self.select_split(from_split)  # validates the name
+            rows = table["split"] == from_split
+            table.loc[rows, "split"] = hash_splits(table.loc[rows, "id"], ratios, seed)
+            info.update(from_split=from_split, base=self.split_info)
+        return self._derive(table, split_info=info)
+
+    def k_shot(self, k: int, seed: int | str = 0, split: str | None = "train") -> Dataset:
+        """k items per class from ``split`` (seeded, deterministic). Short classes are taken whole and reported:
+        in ``info["k_shot"]["note"]`` and as a ``UserWarning``."""
+        result = k_shot_sample(self.table, k, seed, split)
+        note = result.note()
+        if note:
+            warnings.warn(f"k-shot sample of {self.source or 'dataset'}: {note}", UserWarning, stacklevel=2)
+        info = dict(self.info)
+        info["k_shot"] = {
+            "k": result.k,
+            "seed": seed,
+            "split": split,
+            "short_classes": result.short_classes,
+            "unlabelled_dropped": result.unlabelled_dropped,
+            "note": note,
+        }
+        return self._derive(result.table, info=info)
+
+    def texts_flat(self) -> pd.DataFrame:
+        """One row per (item, caption): columns ``id``, ``text_index``, ``text``, ``label``, ``split``."""
+        t = self.table[["id", "texts", "label", "split"]]
+        flat = t.explode("texts").dropna(subset=["texts"]).rename(columns={"texts": "text"})
+        flat.insert(1, "text_index", flat.groupby("id", sort=False).cumcount())
+        return flat.reset_index(drop=True)[["id", "text_index", "text", "label", "split"]]
+
+    def metadata_columns(self) -> list[str]:
+        return [c for c in self.table.columns if c not in CORE_COLUMNS]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts a person checks first: items, classes, per split, per class, skipped (by reason)."""
+        t = self.table
+        per_split = {str(k): int(v) for k, v in t["split"].value_counts(dropna=True).sort_index().items()}
+        per_class = {str(k): int(v) for k, v in t["label"].value_counts(dropna=True).sort_index().items()}
+        reasons = Counter(str(s.get("reason")) for s in self.skipped)
+        out: dict[str, Any] = {
+            "source": self.source,
+            "root": str(self.root),
+            "items": len(t),
+            "images": int(t["image"].notna().sum()),
+            "texts": int(t["texts"].map(len).sum()),
+            "classes": len(per_class),
+            "per_split": per_split,
+            "per_class": per_class,
+            "unlabelled": int(t["label"].isna().sum()),
+            "skipped": len(self.skipped),
+            "skipped_by_reason": dict(sorted(reasons.items())),
+            "split_info": self.split_info,
+        }
+        for key in ("aliases", "k_shot"):
+            if key in self.info:
+                out[key] = self.info[key]
+        return out
