@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,10 +81,17 @@ def inference_context(device: torch.device, precision: str) -> Iterator[None]:
                 yield
 
 
-def state_dict_digest(module: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer (names, shapes, dtypes, bytes): the weights part of a fingerprint."""
+def state_dict_digest(module: torch.nn.Module, exclude: Collection[str] = ()) -> str:
+    """Hash of every parameter and buffer (names, shapes, dtypes, bytes): the weights part of a fingerprint.
+
+    ``exclude`` names entries to leave out: weights a checkpoint lacked (randomly initialized on each load) that
+    the embedding never reads, such as an unused pooler, would otherwise make the fingerprint change per load.
+    """
     h = hashlib.blake2b(digest_size=16)
+    skip = set(exclude)
     for name, t in sorted(module.state_dict().items()):
+        if name in skip:
+            continue
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
         if t.dtype == torch.bfloat16:  # numpy has no bf16: hash the raw 16-bit words
@@ -104,6 +111,7 @@ class Encoder(ABC):
             "sigmoid" (SigLIP: sigmoid(logit_scale * cos + logit_bias)), or "cosine" for single-modality encoders.
         logit_scale / logit_bias: the learned temperature (already exponentiated) and bias, where the model has them.
         device, precision: where and how it runs.
+        preferred_batch_size: the image batch size the extraction loop should use, when the adapter measured one.
     """
 
     spec: str
@@ -116,6 +124,8 @@ class Encoder(ABC):
     precision: str = "fp32"
     #: how many texts the tokenizer pads/truncates to; None means "trim to the longest in the batch"
     text_max_length: int | None = None
+    #: images per model call that runs fastest on this encoder's device, where measured; None: caller decides
+    preferred_batch_size: int | None = None
 
     # ---- identity -------------------------------------------------------------------------------------
     @abstractmethod
@@ -225,11 +235,12 @@ class ImageTransform:
             image = image.convert("RGB")
         w, h = image.size
         if isinstance(self.resize, int):
+            # The long side truncates (int, not round) exactly as torchvision's and transformers' resize do.
             s = self.resize
             if w <= h:
-                nw, nh = s, max(1, int(round(h * s / w)))
+                nw, nh = s, max(1, int(s * h / w))
             else:
-                nw, nh = max(1, int(round(w * s / h))), s
+                nw, nh = max(1, int(s * w / h)), s
         else:
             nh, nw = self.resize
         if (nw, nh) != (w, h):

@@ -1,0 +1,564 @@
+"""Hugging Face transformers adapters: ``hf:`` dual encoders, ``hf-vision:`` backbones, ``hf-text:`` text encoders.
+
+Everything loads through ``from_pretrained`` (config, weights, tokenizer, image processor), so a hub id and a
+directory written by ``save_pretrained`` behave the same. Preprocessing is the model's own image processor (PIL
+backend, the reference implementation) and its own tokenizer, with each family's padding rule: CLIP and ALIGN trim
+padding to the longest text in a batch, SigLIP pads to ``max_length`` because its text tower was trained that way.
+
+Options ride on the spec after ``?``: ``hf-vision:facebook/dinov2-small?pool=mean``,
+``hf-text:BAAI/bge-small-en-v1.5?pool=cls&max_length=256``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..errors import EncoderlabError, close_matches
+from ..hashing import json_digest
+from .base import Encoder, ScoreKind, inference_context, l2_normalize, state_dict_digest
+from .registry import register_prefix
+
+# ---- family tables -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DualFamily:
+    """How one dual-encoder family scores and tokenizes."""
+
+    score_kind: ScoreKind
+    padding: Literal["longest", "max_length"]
+    #: SigLIP's text tower was trained on max_length-padded ids with no attention mask (big_vision, open_clip);
+    #: passing a mask changes its last-token pooled output.
+    use_attention_mask: bool = True
+    #: truncation length used by the family's own processor, when it overrides the tokenizer's
+    max_length: int | None = None
+
+
+DUAL_FAMILIES: dict[str, DualFamily] = {
+    "clip": DualFamily(score_kind="softmax", padding="longest"),
+    "siglip": DualFamily(score_kind="sigmoid", padding="max_length", use_attention_mask=False),
+    "align": DualFamily(score_kind="softmax", padding="longest", max_length=64),  # AlignProcessor's max_length
+}
+
+#: model types whose image input is not a fixed-size [C,H,W] tensor, with what to use instead
+UNSUPPORTED_DUAL: dict[str, str] = {
+    "siglip2": "NaFlex SigLIP 2 (model_type siglip2) takes variable-size patch sequences, which this adapter does "
+    "not support; the fixed-resolution SigLIP 2 checkpoints (e.g. google/siglip2-base-patch16-224) load as "
+    "model_type siglip and work with hf:",
+}
+
+PoolMode = Literal["pooler", "cls", "mean"]
+VISION_POOLS: tuple[str, ...] = ("pooler", "cls", "mean")
+TEXT_POOLS: tuple[str, ...] = ("mean", "cls")
+
+#: default image pooling per ``model_type``: "pooler" where the family's pooler_output is its trained global
+#: descriptor, "cls" where the classifier reads the CLS token but the pooler is an (often untrained) tanh layer,
+#: "mean" (patch tokens without CLS/registers, or spatial mean for CNN maps) for everything else.
+VISION_POOLING: dict[str, PoolMode] = {
+    "vit": "cls",  # ViTForImageClassification and DINO read the final-norm CLS; ViTModel's tanh pooler is untrained
+    "deit": "cls",  # same structure as ViT
+    "vit_mae": "mean",  # MAE's CLS is not trained for a global representation; its papers mean-pool patches
+    "dinov2": "pooler",  # final-norm CLS token, DINOv2's global descriptor
+    "dinov2_with_registers": "pooler",
+    "beit": "pooler",  # layer-normed mean of patch tokens (use_mean_pooling)
+    "data2vec-vision": "pooler",
+    "clip_vision_model": "pooler",  # post-layernorm CLS (unprojected)
+    "siglip_vision_model": "pooler",  # attention-pooling head
+    "swin": "pooler",  # average of final-norm tokens
+    "swinv2": "pooler",
+    "resnet": "pooler",  # global average pool of the last stage
+    "convnext": "pooler",  # layer-normed global average pool
+    "convnextv2": "pooler",
+    "regnet": "pooler",
+    "bit": "pooler",
+    "efficientnet": "pooler",
+    "mobilenet_v2": "pooler",
+}
+
+#: submodule prefixes that only feed ``pooler_output``: when a checkpoint lacks them and we do not pool with them,
+#: their random initialization must not reach the fingerprint
+_POOLER_PREFIXES = ("pooler.",)
+
+# ---- spec options and loading ------------------------------------------------------------------------------
+
+
+def split_target(target: str, allowed: dict[str, tuple[str, ...] | type]) -> tuple[str, dict[str, Any]]:
+    """``"id?pool=mean&max_length=128"`` -> ``("id", {"pool": "mean", "max_length": 128})``, validated."""
+    model_id, _, query = target.partition("?")
+    options: dict[str, Any] = {}
+    for item in filter(None, query.split("&")):
+        key, sep, value = item.partition("=")
+        if key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            guess = close_matches(key, sorted(allowed))
+            hint = f"did you mean {', '.join(guess)}? " if guess else ""
+            raise EncoderlabError(f"unknown option {key!r} in encoder spec {target!r}", f"{hint}options: {known}")
+        rule = allowed[key]
+        if not sep or not value:
+            raise EncoderlabError(f"option {key!r} in {target!r} has no value", f"write {key}=VALUE")
+        if isinstance(rule, tuple):
+            if value not in rule:
+                raise EncoderlabError(f"{key}={value!r} in {target!r} is not valid", f"use one of {', '.join(rule)}")
+            options[key] = value
+        else:
+            try:
+                options[key] = rule(value)
+            except ValueError as e:
+                raise EncoderlabError(f"{key}={value!r} in {target!r} is not a {rule.__name__}") from e
+    if not model_id:
+        raise EncoderlabError(f"encoder spec {target!r} names no model", "e.g. hf:openai/clip-vit-base-patch32")
+    return model_id, options
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """Exception types meaning "could not fetch from the hub": OSError plus the HTTP libraries' own errors.
+
+    Only libraries already imported are consulted: an error can only come from one that was loaded.
+    """
+    kinds: list[type[BaseException]] = [OSError]
+    hub_errors = sys.modules.get("huggingface_hub.errors")
+    if hub_errors is not None and hasattr(hub_errors, "HfHubHTTPError"):
+        kinds.append(hub_errors.HfHubHTTPError)
+    for module, name in (("requests", "RequestException"), ("httpx", "HTTPError"), ("httpx2", "HTTPError")):
+        error = getattr(sys.modules.get(module), name, None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            kinds.append(error)
+    return tuple(kinds)
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return os.path.isabs(model_id) or model_id.startswith((".", "~")) or os.path.exists(model_id)
+
+
+def load_error(model_id: str, what: str, err: BaseException) -> EncoderlabError:
+    """The one message for "from_pretrained could not find it": names the model and how to load from disk."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if os.path.isdir(os.path.expanduser(model_id)):
+        return EncoderlabError(
+            f"could not load the {what} from directory {model_id!r}: {detail}",
+            "the directory must hold what save_pretrained() writes for the model, its tokenizer and its "
+            "image processor (config.json, weights, tokenizer and preprocessor_config.json files)",
+        )
+    if _looks_like_path(model_id):
+        return EncoderlabError(f"model directory {model_id!r} does not exist", "pass hf:/path/to/saved/model")
+    return EncoderlabError(
+        f"could not load the {what} of {model_id!r}: the Hugging Face hub could not be reached or has no model "
+        f"with that id, and it is not in the local cache ({detail})",
+        "check the id and the network; or, where the hub is reachable, load it once with transformers, "
+        "save_pretrained('/path/to/dir') (model, tokenizer and image processor) and use hf:/path/to/dir",
+    )
+
+
+def from_pretrained(loader: Callable[..., Any], model_id: str, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` with hub / missing-file failures turned into one clear EncoderlabError."""
+    try:
+        return loader.from_pretrained(os.path.expanduser(model_id), **kwargs)
+    except hub_errors() as e:
+        raise load_error(model_id, what, e) from e
+
+
+def load_config(model_id: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return from_pretrained(AutoConfig, model_id, "config")
+    except (ValueError, KeyError) as e:  # unknown model_type: transformers too old or a remote-code model
+        raise EncoderlabError(
+            f"transformers cannot read the config of {model_id!r}: {str(e).splitlines()[0]}",
+            "upgrade transformers; models that need trust_remote_code are not supported",
+        ) from e
+
+
+def load_model(model_id: str) -> tuple[torch.nn.Module, list[str]]:
+    """The AutoModel for ``model_id`` in eval mode, and the state-dict keys the checkpoint did not provide."""
+    from transformers import AutoModel
+
+    model, info = from_pretrained(AutoModel, model_id, "weights", output_loading_info=True)
+    return model.eval(), list(info.get("missing_keys", []))
+
+
+def load_image_processor(model_id: str) -> Any:
+    """The model's own image processor, PIL backend: the reference implementation, and torchvision-free."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    major = int(transformers.__version__.split(".")[0])
+    kwargs = {"backend": "pil"} if major >= 5 else {"use_fast": False}
+    return from_pretrained(AutoImageProcessor, model_id, "image processor", **kwargs)
+
+
+def load_tokenizer(model_id: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return from_pretrained(AutoTokenizer, model_id, "tokenizer")
+
+
+def _as_tensor(out: Any) -> torch.Tensor:
+    """transformers 5 returns an output object whose ``pooler_output`` is the embedding; 4.x a tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find an embedding tensor in model output of type {type(out).__name__}")
+
+
+# ---- preprocessing ---------------------------------------------------------------------------------------
+
+
+class HFImageTransform:
+    """Picklable ``PIL.Image -> Tensor[C,H,W]`` running the model's own image processor on one image."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if getattr(image, "mode", "RGB") != "RGB":
+            image = image.convert("RGB")
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def config(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in self.processor.to_dict().items() if not k.startswith("_")}
+        cfg["class"] = type(self.processor).__name__  # PIL and torchvision backends differ slightly
+        return cfg
+
+
+def _text_max_length(tokenizer: Any, text_config: Any, override: int | None = None) -> int | None:
+    """Truncation length: the smallest of the override, the tokenizer's limit and the position table."""
+    limits = [override] if override else []
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:  # unset limits are a huge sentinel
+        limits.append(tok_max)
+    pos = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(pos, int) and pos > 0:
+        limits.append(pos)
+    return min(limits) if limits else None
+
+
+class TextTokenization:
+    """One family's tokenization rule: padding, truncation length, which inputs reach the model."""
+
+    def __init__(self, tokenizer: Any, padding: str, max_length: int | None, use_attention_mask: bool) -> None:
+        if padding == "max_length" and max_length is None:
+            raise EncoderlabError("padding to max_length needs a maximum length", "set max_length in the spec")
+        if tokenizer.pad_token is None:  # decoder-style tokenizers: padding is masked out, any id will do
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.tokenizer = tokenizer
+        self.padding = padding
+        self.max_length = max_length
+        self.use_attention_mask = use_attention_mask
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            list(texts),
+            padding=self.padding,
+            truncation=self.max_length is not None,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        batch = dict(batch)
+        if not self.use_attention_mask:
+            batch.pop("attention_mask", None)
+        return batch
+
+    def config(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        vocab = sorted(tok.get_vocab().items())
+        return {
+            "class": type(tok).__name__,
+            "vocab": json_digest(vocab),
+            "do_lower_case": getattr(tok, "do_lower_case", None),
+            "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+            "padding": self.padding,
+            "max_length": self.max_length,
+            "attention_mask": self.use_attention_mask,
+        }
+
+
+# ---- encoders ----------------------------------------------------------------------------------------------
+
+
+class _HFEncoder(Encoder):
+    """Shared plumbing: device placement, forward under inference_context, cached fingerprint parts."""
+
+    adapter: str = "hf"
+
+    def __init__(self, model_id: str, model: torch.nn.Module, device: torch.device, precision: str) -> None:
+        self.spec = model_id
+        self.model_id = model_id
+        self.device = device
+        self.precision = precision
+        self.model = model.to(device).eval()
+        self.model_type: str = getattr(model.config, "model_type", type(model).__name__)
+        self._digest_exclude: list[str] = []
+        self._parts: dict[str, Any] | None = None
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        # Hashing every weight and the vocabulary is the slow part: do it once per encoder.
+        if self._parts is None:
+            self._parts = {
+                "adapter": self.adapter,
+                "model_type": self.model_type,
+                "weights": state_dict_digest(self.model, exclude=self._digest_exclude),
+                **self._preprocessing_parts(),
+            }
+        return dict(self._parts)
+
+    def _preprocessing_parts(self) -> dict[str, Any]:
+        """Image processor / tokenizer / pooling config: whatever besides weights changes the embeddings."""
+        raise NotImplementedError
+
+    def _pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values.to(self.device, dtype=torch.float32, non_blocking=True)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @staticmethod
+    def _finish(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        x = x.float().cpu()
+        return l2_normalize(x) if normalize else x
+
+
+class HFDualEncoder(_HFEncoder):
+    """CLIP / SigLIP / ALIGN: projected image and text embeddings in one space, with the model's own scoring."""
+
+    adapter = "hf-dual"
+
+    def __init__(self, model_id: str, *, device: torch.device, precision: str) -> None:
+        config = load_config(model_id)
+        model_type = getattr(config, "model_type", None)
+        family = _dual_family(model_id, config)
+        model, missing = load_model(model_id)
+        super().__init__(model_id, model, device, precision)
+        self.family = family
+        self.modalities = ("image", "text")
+        self.score_kind = family.score_kind
+        self.processor = load_image_processor(model_id)
+        tokenizer = load_tokenizer(model_id)
+        self.tokenization = TextTokenization(
+            tokenizer,
+            padding=family.padding,
+            max_length=_text_max_length(tokenizer, getattr(config, "text_config", None), family.max_length),
+            use_attention_mask=family.use_attention_mask,
+        )
+        if family.padding == "max_length":
+            self.text_max_length = self.tokenization.max_length
+        self._digest_exclude = [k for k in missing if k.startswith(_POOLER_PREFIXES)]
+        self._set_scores(model_type)
+        self.embed_dim = self._probe_dim()
+
+    def _set_scores(self, model_type: str | None) -> None:
+        with torch.no_grad():
+            if model_type == "align":  # logits = cos / temperature
+                self.logit_scale = float(1.0 / self.model.temperature.float().item())
+            else:
+                self.logit_scale = float(self.model.logit_scale.float().exp().item())
+            bias = getattr(self.model, "logit_bias", None)
+            self.logit_bias = float(bias.float().item()) if isinstance(bias, torch.Tensor) else None
+
+    def _probe_dim(self) -> int:
+        return int(self.encode_text_batch(["a"]).shape[-1])
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The exact model inputs for ``texts`` (CPU tensors): padding, truncation and masks as the family needs."""
+        return self.tokenization(texts)
+
+    def image_transform(self) -> HFImageTransform:
+        return HFImageTransform(self.processor)
+
+    def encode_pixels(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        with inference_context(self.device, self.precision):
+            out = _as_tensor(self.model.get_image_features(pixel_values=self._pixels(pixel_values)))
+        return self._finish(out, normalize)
+
+    def encode_text_batch(self, texts: list[str]) -> torch.Tensor:
+        batch = self._to_device(self.tokenize(texts))
+        with inference_context(self.device, self.precision):
+            out = _as_tensor(self.model.get_text_features(**batch))
+        return out.float().cpu()
+
+    def _preprocessing_parts(self) -> dict[str, Any]:
+        return {
+            "image_processor": self.image_transform().config(),
+            "tokenizer": self.tokenization.config(),
+            "pooling": "model",  # get_image_features / get_text_features: the family's own projection
+        }
+
+
+def _dual_family(model_id: str, config: Any) -> DualFamily:
+    model_type = getattr(config, "model_type", None)
+    if model_type in DUAL_FAMILIES:
+        return DUAL_FAMILIES[model_type]
+    if model_type in UNSUPPORTED_DUAL:
+        raise EncoderlabError(f"{model_id!r}: {UNSUPPORTED_DUAL[model_type]}")
+    vision = hasattr(config, "num_channels") or hasattr(config, "image_size") or hasattr(config, "hidden_sizes")
+    alt = "hf-vision" if vision else "hf-text"
+    raise EncoderlabError(
+        f"{model_id!r} is a {model_type!r} model, not a dual image-text encoder "
+        f"(hf: supports {', '.join(sorted(DUAL_FAMILIES))})",
+        f"use {alt}:{model_id} for its {'image' if vision else 'text'} embeddings",
+    )
+
+
+class HFVisionEncoder(_HFEncoder):
+    """Any AutoModel vision backbone; the embedding is pooled per ``VISION_POOLING`` (or ``?pool=``)."""
+
+    adapter = "hf-vision"
+
+    def __init__(self, target: str, *, device: torch.device, precision: str) -> None:
+        model_id, options = split_target(target, {"pool": VISION_POOLS})
+        config = load_config(model_id)
+        model_type = getattr(config, "model_type", None)
+        if model_type in DUAL_FAMILIES or model_type in UNSUPPORTED_DUAL:
+            raise EncoderlabError(
+                f"{model_id!r} is a dual image-text encoder ({model_type})", f"use hf:{model_id} for its embeddings"
+            )
+        model, missing = load_model(model_id)
+        super().__init__(model_id, model, device, precision)
+        self.modalities = ("image",)
+        self.pool: PoolMode = options.get("pool") or VISION_POOLING.get(str(model_type), "mean")
+        if self.pool == "pooler" and any(k.startswith(_POOLER_PREFIXES) for k in missing):
+            raise EncoderlabError(
+                f"{model_id!r} has no trained pooler weights (they would be random)",
+                f"use hf-vision:{model_id}?pool=cls or ?pool=mean",
+            )
+        self._digest_exclude = [k for k in missing if k.startswith(_POOLER_PREFIXES)]
+        self.processor = load_image_processor(model_id)
+        self.patch_size = _patch_size(config)
+        self.embed_dim = self._probe_dim()
+
+    def _probe_dim(self) -> int:
+        from PIL import Image
+
+        pixels = self.image_transform()(Image.new("RGB", (64, 64)))
+        return int(self.encode_pixels(pixels[None]).shape[-1])
+
+    def image_transform(self) -> HFImageTransform:
+        return HFImageTransform(self.processor)
+
+    def encode_pixels(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self._pixels(pixel_values)
+        with inference_context(self.device, self.precision):
+            out = self.model(pixel_values=x)
+            pooled = pool_vision_output(out, self.pool, self._prefix_tokens(out, x))
+        return self._finish(pooled, normalize)
+
+    def _prefix_tokens(self, out: Any, pixel_values: torch.Tensor) -> int:
+        """CLS and register tokens before the patch tokens: sequence length minus the patch count."""
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None or hidden.dim() != 3 or self.patch_size is None:
+            return 0
+        h, w = pixel_values.shape[-2:]
+        patches = (h // self.patch_size) * (w // self.patch_size)
+        extra = hidden.shape[1] - patches
+        return extra if 0 <= extra <= 16 else 0  # hierarchical models (Swin) merge patches: no prefix
+
+    def _preprocessing_parts(self) -> dict[str, Any]:
+        return {"image_processor": self.image_transform().config(), "pooling": self.pool}
+
+
+def _patch_size(config: Any) -> int | None:
+    p = getattr(config, "patch_size", None)
+    if isinstance(p, (list, tuple)):
+        p = p[0]
+    return int(p) if isinstance(p, int) else None
+
+
+def pool_vision_output(out: Any, pool: str, prefix_tokens: int) -> torch.Tensor:
+    """One vector per image from a backbone output: its pooler, its CLS token, or the mean of patch tokens."""
+    if pool == "pooler":
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            raise EncoderlabError("this model has no pooler_output", "use ?pool=mean or ?pool=cls")
+        return pooled.flatten(1)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        raise EncoderlabError("this model returns no last_hidden_state to pool", "use ?pool=pooler")
+    if hidden.dim() == 4:  # CNN feature map [B, C, H, W]
+        if pool == "cls":
+            raise EncoderlabError("a convolutional backbone has no CLS token", "use ?pool=mean or ?pool=pooler")
+        return hidden.mean(dim=(2, 3))
+    if pool == "cls":
+        return hidden[:, 0]
+    return hidden[:, prefix_tokens:].mean(dim=1)
+
+
+class HFTextEncoder(_HFEncoder):
+    """Any AutoModel text encoder: mean over the attention mask (default) or the first token (``?pool=cls``)."""
+
+    adapter = "hf-text"
+
+    def __init__(
+        self, target: str, *, device: torch.device, precision: str, default_max_length: int | None = None
+    ) -> None:
+        model_id, options = split_target(target, {"pool": TEXT_POOLS, "max_length": int})
+        config = load_config(model_id)
+        model_type = getattr(config, "model_type", None)
+        if model_type in DUAL_FAMILIES or model_type in UNSUPPORTED_DUAL:
+            raise EncoderlabError(
+                f"{model_id!r} is a dual image-text encoder ({model_type})", f"use hf:{model_id} for its embeddings"
+            )
+        model, missing = load_model(model_id)
+        super().__init__(model_id, model, device, precision)
+        self.modalities = ("text",)
+        self.pool: PoolMode = options.get("pool", "mean")
+        self._digest_exclude = [k for k in missing if k.startswith(_POOLER_PREFIXES)]
+        tokenizer = load_tokenizer(model_id)
+        max_length = _text_max_length(tokenizer, config, options.get("max_length") or default_max_length)
+        self.tokenization = TextTokenization(tokenizer, "longest", max_length, use_attention_mask=True)
+        self.embed_dim = int(getattr(config, "hidden_size", 0)) or int(self.encode_text_batch(["a"]).shape[-1])
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The exact model inputs for ``texts`` (CPU tensors), padded to the longest."""
+        return self.tokenization(texts)
+
+    def encode_text_batch(self, texts: list[str]) -> torch.Tensor:
+        batch = self._to_device(self.tokenize(texts))
+        with inference_context(self.device, self.precision):
+            hidden = self.model(**batch).last_hidden_state
+            pooled = pool_text_output(hidden, batch["attention_mask"], self.pool)
+        return pooled.float().cpu()
+
+    def _preprocessing_parts(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenization.config(), "pooling": self.pool}
+
+
+def pool_text_output(hidden: torch.Tensor, attention_mask: torch.Tensor, pool: str) -> torch.Tensor:
+    """Mean of token states over the attention mask (sentence-transformers' rule), or the first (CLS) token."""
+    if pool == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+# ---- factories -----------------------------------------------------------------------------------------
+
+
+def load_hf(target: str, *, device: torch.device, precision: str) -> Encoder:
+    """``hf:ID`` — a CLIP / SigLIP / ALIGN dual encoder from the hub or a save_pretrained directory."""
+    model_id, _ = split_target(target, {})
+    return HFDualEncoder(model_id, device=device, precision=precision)
+
+
+def load_hf_vision(target: str, *, device: torch.device, precision: str) -> Encoder:
+    """``hf-vision:ID[?pool=pooler|cls|mean]`` — image embeddings from any transformers vision backbone."""
+    return HFVisionEncoder(target, device=device, precision=precision)
+
+
+def load_hf_text(target: str, *, device: torch.device, precision: str) -> Encoder:
+    """``hf-text:ID[?pool=mean|cls&max_length=N]`` — text embeddings from any transformers text encoder."""
+    return HFTextEncoder(target, device=device, precision=precision)
+
+
+register_prefix("hf", load_hf, "transformers dual image-text encoder: CLIP, SigLIP, ALIGN (hub id or directory)")
+register_prefix("hf-vision", load_hf_vision, "transformers vision backbone: ViT, DINOv2, ResNet, ConvNeXt, ...")
+register_prefix("hf-text", load_hf_text, "transformers text encoder (BERT family), mean pooling by default")
