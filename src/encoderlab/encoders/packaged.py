@@ -56,8 +56,13 @@ class EfficientNetLite0Encoder(Encoder):
         self.modalities = ("image",)
         self.embed_dim = 1280
         self.device, self.precision = device, precision
-        # channels-last runs this depthwise-conv network ~1.7x faster on CPU and ~1.1-1.2x on GPU (PREFERRED_BATCH)
-        self.model = model.eval().to(device=device, memory_format=torch.channels_last)
+        model.eval()
+        # The fingerprint names the published weights, so it is taken before the inference-only rewrite below.
+        self._weights_digest = state_dict_digest(model)
+        fold_batchnorms(model)
+        # channels-last runs this depthwise-conv network ~1.7x faster on CPU and ~1.1-1.2x on GPU (PREFERRED_BATCH);
+        # with batch norms folded into the convolutions, CPU batch 8 goes from ~28 to ~37 img/s.
+        self.model = model.to(device=device, memory_format=torch.channels_last)
         self.preferred_batch_size = PREFERRED_BATCH.get(device.type)
         self.transform = ImageTransform(
             resize=256,
@@ -68,7 +73,6 @@ class EfficientNetLite0Encoder(Encoder):
             rescale=1.0,
             extra={"convention": "tf-efficientnet-lite: (x - 127) / 128"},
         )
-        self._weights_digest: str | None = None
 
     def image_transform(self) -> ImageTransform:
         return self.transform
@@ -89,15 +93,42 @@ class EfficientNetLite0Encoder(Encoder):
             return self.model(self._input(pixel_values)).float().cpu()
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        if self._weights_digest is None:
-            self._weights_digest = state_dict_digest(self.model)
         return {
             "adapter": "packaged",
             "name": self.name,
             "weights": self._weights_digest,
             "image_transform": self.transform.config(),
             "pooling": "mean",
+            "inference_graph": "batchnorm-folded",  # equal to the unfolded network to ~1e-5, but not bit-equal
         }
+
+
+def fold_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every eval-mode BatchNorm of an EfficientNet(-Lite) into the convolution before it, in place.
+
+    Each BN is an affine map per channel after a bias-free convolution, so it can live in the convolution's weight
+    and bias; that removes one full pass over every feature map (the network is memory-bound on CPU).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = [("_conv_stem", "_bn0"), ("_conv_head", "_bn1")]
+    for i, block in enumerate(model._blocks):  # type: ignore[union-attr]
+        if hasattr(block, "_expand_conv"):
+            pairs.append((f"_blocks.{i}._expand_conv", f"_blocks.{i}._bn0"))
+        pairs.append((f"_blocks.{i}._depthwise_conv", f"_blocks.{i}._bn1"))
+        pairs.append((f"_blocks.{i}._project_conv", f"_blocks.{i}._bn2"))
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if isinstance(bn, torch.nn.Identity):
+            continue  # already folded
+        _set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        _set_submodule(model, bn_name, torch.nn.Identity())
+    return model
+
+
+def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def load_efficientnet_lite0(name: str = "efficientnet-lite0", *, device: torch.device, precision: str) -> Encoder:
