@@ -165,3 +165,32 @@ def test_run_summary_is_json_serializable(tmp_path, clip):
     r = extract_images(clip, ds, EmbeddingStore(tmp_path / "s"), num_workers=0, progress=False)
     s = json.loads(json.dumps(r.summary()))
     assert s["encoded"] == 4 and s["items_per_s"] > 0
+
+
+def test_out_of_memory_halves_the_batch_instead_of_failing(tmp_path, clip):
+    ds = load_dataset(f"folder:{make_folder(tmp_path / 'imgs', n_per_class=4)}")
+    ref = extract_images(clip, ds, EmbeddingStore(tmp_path / "ref"), batch_size=8, num_workers=0, progress=False)
+    real = clip.encode_pixels
+    sizes: list[int] = []
+
+    def small_gpu(x, normalize=False):
+        sizes.append(len(x))
+        if len(x) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x, normalize=normalize)
+
+    clip.encode_pixels = small_gpu
+    try:
+        r = extract_images(clip, ds, EmbeddingStore(tmp_path / "oom"), batch_size=8, num_workers=0, progress=False)
+    finally:
+        del clip.encode_pixels
+    assert r.encoded == 8 and sizes[:3] == [8, 4, 2]
+    got = EmbeddingStore(tmp_path / "oom").space(clip.fingerprint("image")).get(r.keys)
+    np.testing.assert_allclose(got, EmbeddingStore(tmp_path / "ref").space(clip.fingerprint("image")).get(ref.keys),
+                               atol=1e-6)
+    clip.encode_pixels = lambda x, normalize=False: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    try:  # any other error is not swallowed
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            extract_images(clip, ds, EmbeddingStore(tmp_path / "x"), batch_size=8, num_workers=0, progress=False)
+    finally:
+        del clip.encode_pixels
