@@ -409,6 +409,18 @@ def _dual_family(model_id: str, config: Any) -> DualFamily:
     )
 
 
+def _load_single_tower(model_id: str) -> tuple[Any, Any, list[str]]:
+    """(config, model, missing keys) of a one-tower model; a dual encoder is pointed at ``hf:``."""
+    config = load_config(model_id)
+    model_type = getattr(config, "model_type", None)
+    if model_type in DUAL_FAMILIES or model_type in UNSUPPORTED_DUAL:
+        raise EncoderlabError(
+            f"{model_id!r} is a dual image-text encoder ({model_type})", f"use hf:{model_id} for its embeddings"
+        )
+    model, missing = load_model(model_id)
+    return config, model, missing
+
+
 class HFVisionEncoder(_HFEncoder):
     """Any AutoModel vision backbone; the embedding is pooled per ``VISION_POOLING`` (or ``?pool=``)."""
 
@@ -416,13 +428,8 @@ class HFVisionEncoder(_HFEncoder):
 
     def __init__(self, target: str, *, device: torch.device, precision: str) -> None:
         model_id, options = split_target(target, {"pool": VISION_POOLS})
-        config = load_config(model_id)
+        config, model, missing = _load_single_tower(model_id)
         model_type = getattr(config, "model_type", None)
-        if model_type in DUAL_FAMILIES or model_type in UNSUPPORTED_DUAL:
-            raise EncoderlabError(
-                f"{model_id!r} is a dual image-text encoder ({model_type})", f"use hf:{model_id} for its embeddings"
-            )
-        model, missing = load_model(model_id)
         super().__init__(model_id, model, device, precision)
         self.modalities = ("image",)
         self.pool: PoolMode = options.get("pool") or VISION_POOLING.get(str(model_type), "mean")
@@ -501,13 +508,7 @@ class HFTextEncoder(_HFEncoder):
         self, target: str, *, device: torch.device, precision: str, default_max_length: int | None = None
     ) -> None:
         model_id, options = split_target(target, {"pool": TEXT_POOLS, "max_length": int})
-        config = load_config(model_id)
-        model_type = getattr(config, "model_type", None)
-        if model_type in DUAL_FAMILIES or model_type in UNSUPPORTED_DUAL:
-            raise EncoderlabError(
-                f"{model_id!r} is a dual image-text encoder ({model_type})", f"use hf:{model_id} for its embeddings"
-            )
-        model, missing = load_model(model_id)
+        config, model, missing = _load_single_tower(model_id)
         super().__init__(model_id, model, device, precision)
         self.modalities = ("text",)
         self.pool: PoolMode = options.get("pool", "mean")
