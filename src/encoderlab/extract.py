@@ -145,8 +145,13 @@ def _encode_with_backoff(encode: Callable[[torch.Tensor], torch.Tensor], x: torc
         return torch.cat([_encode_with_backoff(encode, x[:half]), _encode_with_backoff(encode, x[half:])])
 
 
-def _hash_images(paths: Sequence[str | None], workers: int = 4) -> tuple[list[str | None], list[dict[str, str]]]:
-    """Content keys for image paths (threaded: hashing is I/O bound); unreadable files are reported."""
+def _hash_images(
+    paths: Sequence[str | None], progress: bool, workers: int = 4
+) -> tuple[list[str | None], list[dict[str, str]]]:
+    """Content keys for image paths (threaded: hashing is I/O bound); unreadable files are reported.
+
+    Every run re-reads the bytes (about 0.5 GB/s here): a key must follow the file's content, not its name or mtime.
+    """
 
     def one(p: str | None) -> tuple[str | None, dict[str, str] | None]:
         if p is None:
@@ -160,8 +165,11 @@ def _hash_images(paths: Sequence[str | None], workers: int = 4) -> tuple[list[st
         except OSError as e:
             return None, {"path": str(p), "reason": f"unreadable: {e.strerror or e}"}
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(one, paths))
+    with ThreadPoolExecutor(max_workers=workers) as pool, _progress(len(paths), "file", progress, "hash") as bar:
+        results = []
+        for r in pool.map(one, paths):
+            results.append(r)
+            bar.update(1)
     return [k for k, _ in results], [s for _, s in results if s]
 
 
@@ -184,7 +192,7 @@ def extract_images(
     paths = list(dataset.table["image"])
     if all(p is None for p in paths):
         raise EncoderlabError(f"dataset {dataset.source!r} has no images", "embed its texts with --modality text")
-    keys, skipped = _hash_images(paths)
+    keys, skipped = _hash_images(paths, progress and len(paths) >= 10_000)
     wanted = list(dict.fromkeys(k for k in keys if k is not None))
     todo = set(space.missing(wanted))
     first_path: dict[str, str] = {}
@@ -314,9 +322,9 @@ class _NullBar:
         pass
 
 
-def _progress(total: int, unit: str, enabled: bool):
+def _progress(total: int, unit: str, enabled: bool, desc: str | None = None):
     if not enabled:
         return _NullBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit=unit, unit_scale=False, dynamic_ncols=True, smoothing=0.1, leave=True)
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, smoothing=0.1, leave=desc is None)
