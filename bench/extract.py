@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-limit", type=int, default=128, help="images for the slow naive loop")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="repeat each measurement, interleaved; report medians")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "extract.json"))
     args = ap.parse_args(argv)
 
@@ -100,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(torch.get_num_threads())
 
     encoder.encode_pixels(torch.stack([encoder.image_transform()(load_image(paths[0]))] * 2))  # warm-up
-    naive = naive_loop(encoder, paths[: args.naive_limit])
-    fwd = forward_only(encoder, paths, bs)
-    ours = pipeline(encoder, ds, bs, args.workers)
+    # This is a shared VM: timings drift by tens of percent over minutes, so the three are measured in turn,
+    # several rounds, and compared by their medians.
+    runs: dict[str, list[float]] = {"naive": [], "forward": [], "ours": []}
+    for _ in range(args.rounds):
+        runs["naive"].append(naive_loop(encoder, paths[: args.naive_limit]))
+        runs["forward"].append(forward_only(encoder, paths, bs))
+        runs["ours"].append(pipeline(encoder, ds, bs, args.workers))
+    naive, fwd, ours = (statistics.median(runs[k]) for k in ("naive", "forward", "ours"))
     result = {
         "encoder": args.encoder, "data": args.data, "images": len(paths), "batch_size": bs,
         "threads": torch.get_num_threads(),
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                         "forward_only": round(fwd, 2)},
         "ratio_vs_naive": round(ours / naive, 3), "ratio_vs_forward_only": round(ours / fwd, 3),
         "targets": {"vs_naive": 2.0, "vs_forward_only": 0.8},
+        "rounds": {k: [round(v, 2) for v in vs] for k, vs in runs.items()},
     }
     print(f"encoder {args.encoder}, {len(paths)} images of {args.data}, batch {bs}, {result['threads']} threads")
     print(f"  naive loop (open, preprocess, forward one by one): {naive:8.1f} img/s")

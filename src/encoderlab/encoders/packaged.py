@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from typing import Any
 
 import torch
@@ -82,10 +83,30 @@ class EfficientNetLite0Encoder(Encoder):
         return x.contiguous(memory_format=torch.channels_last)
 
     def encode_pixels(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self._input(pixel_values)
         with inference_context(self.device, self.precision):
-            out = self.model.extract_features(self._input(pixel_values)).mean(dim=(2, 3))
+            out = self._features(x)(x)
         out = out.float().cpu()
         return l2_normalize(out) if normalize else out
+
+    def _features(self, example: torch.Tensor) -> torch.nn.Module:
+        """The pooled-feature network; on CPU in fp32 a frozen TorchScript trace of it (same numbers, ~10% faster
+        here: it drops Python dispatch between the many small depthwise layers). Traced once, on first use."""
+        if self._traced is None:
+            self._traced = _PooledFeatures(self.model)
+            if self.device.type == "cpu" and self.precision == "fp32":
+                # TorchScript is deprecated in favour of torch.compile, whose compile time (~50 s here) outweighs its
+                # gain for one extraction; if a future torch drops tracing, the eager module below is used instead.
+                try:
+                    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        traced = torch.jit.trace(self._traced, example[:1].clone(), check_trace=False)
+                        self._traced = torch.jit.freeze(traced.eval())
+                except Exception:  # noqa: BLE001 - tracing is an optimization; eager is always correct
+                    self._traced = _PooledFeatures(self.model)
+        return self._traced
+
+    _traced: torch.nn.Module | None = None
 
     def classify_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits [B, 1000] from the model's own head (for sanity checks and demos)."""
@@ -101,6 +122,17 @@ class EfficientNetLite0Encoder(Encoder):
             "pooling": "mean",
             "inference_graph": "batchnorm-folded",  # equal to the unfolded network to ~1e-5, but not bit-equal
         }
+
+
+class _PooledFeatures(torch.nn.Module):
+    """Global average of the last feature map: the 1280-d embedding."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(x).mean(dim=(2, 3))
 
 
 def fold_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
