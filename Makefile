@@ -18,7 +18,7 @@ $(VENV)/bin/python:
 # Stamps re-run an install only when pyproject.toml changes.
 $(VENV)/.stamp-core: pyproject.toml | $(VENV)/bin/python
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[onnx]"
 	$(PIP) install -q --no-deps $(DEMO_PKGS)
 	touch $@
 

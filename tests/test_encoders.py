@@ -537,3 +537,35 @@ def test_minilm_l6_real_behaviour():
     mask = batch["attention_mask"].unsqueeze(-1).float()
     torch.testing.assert_close(enc.encode_texts(TEXTS), (hidden * mask).sum(1) / mask.sum(1), atol=1e-5, rtol=1e-5)
     assert enc.tokenize(["word " * 400])["input_ids"].shape[1] == 256  # sentence_bert_config max_seq_length
+
+
+@pytest.mark.realmodel
+def test_efficientnet_lite0_runtimes_agree_and_the_export_is_cached(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("ENCODERLAB_HOME", str(tmp_path))
+    x = torch.stack([create_encoder("efficientnet-lite0", device="cpu").image_transform()(im) for im in _images()])
+
+    monkeypatch.setenv("ENCODERLAB_ONNXRUNTIME", "0")
+    ts = create_encoder("efficientnet-lite0", device="cpu")
+    ref = ts.encode_pixels(x)
+    assert ts.runtime == "torchscript"
+
+    monkeypatch.delenv("ENCODERLAB_ONNXRUNTIME")
+    ort = create_encoder("efficientnet-lite0", device="cpu")
+    torch.testing.assert_close(ort.encode_pixels(x), ref, atol=1e-5, rtol=1e-4)
+    assert ort.runtime == "onnxruntime"
+    assert ort.fingerprint("image") == ts.fingerprint("image")  # same function, so the same cached embeddings
+    torch.testing.assert_close(ort.encode_pixels(x[:1]), ref[:1], atol=1e-5, rtol=1e-4)  # any batch size
+
+    (exported,) = (tmp_path / "compiled").glob("efficientnet-lite0-*.onnx")
+    stamp = exported.stat().st_mtime_ns
+    again = create_encoder("efficientnet-lite0", device="cpu")
+    again.encode_pixels(x[:1])
+    assert exported.stat().st_mtime_ns == stamp  # loaded, not exported again
+
+    exported.write_bytes(exported.read_bytes()[:1000])  # a damaged file is replaced, not trusted
+    healed = create_encoder("efficientnet-lite0", device="cpu")
+    torch.testing.assert_close(healed.encode_pixels(x), ref, atol=1e-5, rtol=1e-4)
+    assert healed.runtime == "onnxruntime" and exported.stat().st_size > 1_000_000

@@ -71,9 +71,9 @@ def default_num_workers(device: torch.device) -> int:
     """Decode worker processes that run beside the model.
 
     On an accelerator the host only decodes, so several workers keep it fed. On a CPU the model itself wants every
-    core; with 2 cores a worker process only competes with the model's threads (measured on efficientnet-lite0 and
-    OpenClipart: 28 img/s with in-process decoding vs 25.5 with one worker and 24 with two), so decoding runs in
-    the main process between forwards, on a thread pool (PIL releases the GIL while decoding and resizing).
+    core; with 2 cores a worker process only competes with the model's threads (efficientnet-lite0 on OpenClipart,
+    PyTorch: 28 img/s decoding in-process vs 25.5 with one worker and 24 with two; ONNX Runtime: 38-41 vs 39-40),
+    so decoding runs in the main process between forwards, on a thread pool (PIL releases the GIL there).
     """
     n = os.cpu_count() or 1
     if device.type == "cpu":
