@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,7 +310,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return im
     if mode == "P":
         has_alpha = "transparency" in im.info or im.palette is not None and im.palette.mode == "RGBA"
-        im = im.convert("RGBA" if has_alpha else "RGB")
+        with warnings.catch_warnings():
+            # Pillow advises converting palette-with-transparency images to RGBA, which is what this line does.
+            warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
+            im = im.convert("RGBA" if has_alpha else "RGB")
         mode = im.mode
         if mode == "RGB":
             return im
