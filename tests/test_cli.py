@@ -126,3 +126,13 @@ def test_store_verify_finds_and_repairs_a_corrupt_shard(capsys, folder, tmp_path
     # the one shard held all 8 items: all are recomputed (partial recompute is covered in test_store / test_extract)
     assert (again["encoded"], again["cached"]) == (8, 0)
     assert run_json(capsys, ["store", "verify", "--store", store])["problems"] == []
+
+
+def test_strict_fails_before_encoding_anything(capsys, folder, tmp_path, tiny_clip_dir):
+    (folder / "apple" / "notes.txt").write_text("not an image")  # skipped while listing the folder
+    store = tmp_path / "store"
+    code = main(["embed", "--encoder", f"hf:{tiny_clip_dir}", "--data", f"folder:{folder}", "--store", str(store),
+                 "--out", str(tmp_path / "run"), "--workers", "0", "--strict"])
+    err = capsys.readouterr().err
+    assert code == 1 and "notes.txt" in err and "--strict" in err
+    assert not list(store.rglob("shard-*.npy"))  # nothing was computed and thrown away

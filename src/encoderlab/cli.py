@@ -247,6 +247,10 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
 
     parse_spec(args.encoder)  # a typo in the spec fails before any data is read
     ds = _load(args)
+    if args.strict and ds.skipped:  # before any encoding: --strict must not spend work it will throw away
+        s = ds.skipped[0]
+        raise EncoderlabError(f"--strict: {s['path']} cannot be used ({s['reason']})",
+                              "fix or remove the file, or drop --strict to skip and report bad files")
     encoder = create_encoder(args.encoder, device=args.device, precision=args.precision)
     has_images = ds.table["image"].notna().any()
     has_texts = ds.table["texts"].map(lambda t: bool(t) if t is not None else False).any()
@@ -263,10 +267,6 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
             r = extract_texts(encoder, ds, store, batch_size=args.batch_size, progress=progress)
         results.append(r)
     skipped = list(ds.skipped) + [s for r in results for s in r.skipped]
-    if args.strict and ds.skipped:
-        s = ds.skipped[0]
-        raise EncoderlabError(f"--strict: {s['path']} cannot be used ({s['reason']})",
-                              "fix or remove the file, or drop --strict to skip and report bad files")
     out = {
         "encoder": encoder.spec,
         "data": ds.source,

@@ -356,9 +356,4 @@ def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(a, 0, 255).astype(np.uint8)
 
 
-def is_image_path(path: str | os.PathLike) -> bool:
-    """True when the file name has one of the image extensions the folder source reads."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})

@@ -190,19 +190,6 @@ class Encoder(ABC):
         self.check_modality("text")
         raise NotImplementedError
 
-    # ---- misc -----------------------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
-        return {
-            "spec": self.spec,
-            "modalities": list(self.modalities),
-            "embed_dim": self.embed_dim,
-            "score_kind": self.score_kind,
-            "logit_scale": self.logit_scale,
-            "logit_bias": self.logit_bias,
-            "device": str(self.device),
-            "precision": self.precision,
-        }
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r}, dim={self.embed_dim}, modalities={self.modalities})"
 
