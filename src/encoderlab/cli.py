@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_embed)
+
+    from .cli_ladder import add_commands
+
+    add_commands(sub, fmt, _add_common, _add_data_options)
     return parser
 
 

@@ -188,6 +188,11 @@ def extract_images(
     """Embed every image of ``dataset`` that the store lacks; returns counts, skips and per-row keys."""
     encoder.check_modality("image")
     t0 = time.perf_counter()
+    source = encoder.feature_source("image")
+    if source is not None:
+        base = extract_images(source[0], dataset, store, batch_size=batch_size, num_workers=num_workers,
+                              max_pixels=max_pixels, shard_size=shard_size, progress=progress, strict=strict)
+        return _derive(encoder, "image", source, base, store, shard_size, t0)
     space = space_for(store, encoder, "image")
     paths = list(dataset.table["image"])
     if all(p is None for p in paths):
@@ -258,6 +263,15 @@ def extract_texts(
     """
     encoder.check_modality("text")
     t0 = time.perf_counter()
+    source = encoder.feature_source("text")
+    if source is not None:
+        base = extract_texts(source[0], dataset, store, batch_size=batch_size, shard_size=shard_size, progress=progress)
+        if isinstance(dataset, Dataset):
+            per_row = [list(t) if t is not None else [] for t in dataset.table["texts"]]
+        else:
+            per_row = [[t] for t in dataset]
+        every = list(dict.fromkeys(text_key(t) for row in per_row for t in row))
+        return _derive(encoder, "text", source, base, store, shard_size, t0, every)
     space = space_for(store, encoder, "text")
     if isinstance(dataset, Dataset):
         per_row = [list(t) if t is not None else [] for t in dataset.table["texts"]]
@@ -282,6 +296,38 @@ def extract_texts(
                 result.encoded += len(chunk)
                 bar.update(len(chunk))
     result.keys = [key_of[r[0]] if r else None for r in per_row]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _derive(
+    encoder: Encoder,
+    modality: str,
+    source: tuple[Encoder, Callable[[torch.Tensor], torch.Tensor]],
+    base: ExtractResult,
+    store: EmbeddingStore,
+    shard_size: int,
+    t0: float,
+    all_keys: Sequence[str] | None = None,
+) -> ExtractResult:
+    """Embeddings of an encoder that is a head on another encoder's features: read the base space, apply the head.
+
+    The content keys are the same in both spaces, so whatever the base extraction cached is reused and only rows
+    the derived space lacks go through the (cheap) head.
+    """
+    base_space = space_for(store, source[0], modality)
+    space = space_for(store, encoder, modality)
+    wanted = list(dict.fromkeys(all_keys if all_keys is not None else [k for k in base.keys if k is not None]))
+    todo = space.missing(wanted)
+    result = ExtractResult(modality, base.items, 0, len(wanted) - len(todo), list(base.skipped),
+                           keys=list(base.keys), fingerprint=space.fingerprint)
+    if todo:
+        with space.writer(shard_size=shard_size) as writer, torch.inference_mode():
+            for start in range(0, len(todo), shard_size):
+                chunk = todo[start : start + shard_size]
+                feats = torch.from_numpy(np.ascontiguousarray(base_space.get(chunk)))
+                writer.add(chunk, source[1](feats).float().cpu().numpy().astype(np.float32, copy=False))
+                result.encoded += len(chunk)
     result.seconds = time.perf_counter() - t0
     return result
 

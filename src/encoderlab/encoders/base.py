@@ -149,6 +149,15 @@ class Encoder(ABC):
                 "pick a dual encoder (hf:..., open_clip:...) or one for that modality",
             )
 
+    def feature_source(self, modality: Modality) -> tuple[Encoder, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """``(base encoder, head)`` when this encoder's embeddings are ``head(base embeddings)``, else None.
+
+        Encoders built on top of another encoder's frozen features (an aligned pair of towers with projection heads)
+        return their tower and head here, so extraction computes the tower features once into the store and derives
+        this encoder's embeddings from them instead of running the tower again.
+        """
+        return None
+
     # ---- images ---------------------------------------------------------------------------------------
     def image_transform(self) -> Callable[[Any], torch.Tensor]:
         """A picklable ``PIL.Image (RGB) -> Tensor[C,H,W]`` callable run in DataLoader workers."""

@@ -1,0 +1,101 @@
+"""The shared starting point of every classification rung: one dataset, one encoder, embeddings from the store.
+
+All rungs of a comparison index the same ``Prepared`` object, so they see the same rows, labels, splits and features.
+The test split is only ever read for the final numbers; choices (hyper-parameters, templates) use train and val.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data.manifest import Dataset
+from ..data.splits import k_shot_sample
+from ..encoders.base import Encoder
+from ..errors import EncoderlabError, close_matches
+from ..extract import ExtractResult
+from ..features import image_embeddings, text_embeddings
+from ..store import EmbeddingStore
+
+
+@dataclass
+class Prepared:
+    """Embeddings of the usable rows of ``dataset`` with their labels (class index; -1 unlabelled) and splits."""
+
+    dataset: Dataset
+    modality: str
+    X: np.ndarray
+    rows: np.ndarray  # dataset row of each X row
+    ids: np.ndarray
+    y: np.ndarray
+    split: np.ndarray
+    classes: list[str]
+    extract: ExtractResult | None
+
+    def index(self, split: str, *, labelled: bool = True) -> np.ndarray:
+        """Positions (into X) of one split's rows; an unknown split fails with the available ones."""
+        if split not in set(self.split.tolist()):
+            have = sorted({s for s in self.split.tolist() if s is not None})
+            guess = close_matches(split, have)
+            raise EncoderlabError(
+                f"split {split!r} has no usable items in {self.dataset.source!r}",
+                (f"did you mean {guess[0]!r}? " if guess else "")
+                + f"available: {have or 'none'}; make splits with --split-ratios train=0.8,val=0.1,test=0.1",
+            )
+        mask = self.split == split
+        if labelled:
+            mask &= self.y >= 0
+        return np.flatnonzero(mask)
+
+    def k_shot(self, k: int, seed: int, split: str = "train") -> tuple[np.ndarray, str]:
+        """Positions of a seeded k-per-class sample of ``split`` and the note on classes that had fewer than k."""
+        table = self.dataset.table.iloc[self.rows]
+        table = table[table["label"].notna()]
+        picked = k_shot_sample(table, k, seed, split)
+        pos_of = {i: p for p, i in enumerate(self.ids.tolist())}
+        return np.asarray(sorted(pos_of[i] for i in picked.table["id"]), dtype=np.int64), picked.note()
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def prepare(
+    encoder: Encoder,
+    dataset: Dataset,
+    store: EmbeddingStore,
+    *,
+    modality: str | None = None,
+    progress: bool = True,
+    require_labels: bool = True,
+) -> Prepared:
+    """Embed (or read from the store) every usable row of ``dataset`` in the encoder's space."""
+    if modality is None:
+        modality = "image" if dataset.has_images and "image" in encoder.modalities else "text"
+    if modality not in ("image", "text"):
+        raise EncoderlabError(f"unknown modality {modality!r}", "use image or text")
+    encoder.check_modality(modality)
+    classes = dataset.classes
+    if require_labels and not classes:
+        raise EncoderlabError(
+            f"dataset {dataset.source!r} has no labels",
+            "classification needs a label column (folder:DIR uses class folders; csv:...?label=COLUMN)",
+        )
+    result: ExtractResult | None = None
+    if modality == "image":
+        if not dataset.has_images:
+            raise EncoderlabError(f"dataset {dataset.source!r} has no images", "use --modality text or another dataset")
+        emb = image_embeddings(encoder, dataset, store, progress=progress)
+        X, rows, result = emb.X, emb.rows, emb.result
+    else:
+        firsts = [t[0] if t else None for t in dataset.table["texts"]]
+        rows = np.asarray([i for i, t in enumerate(firsts) if t is not None], dtype=np.int64)
+        if rows.size == 0:
+            raise EncoderlabError(f"dataset {dataset.source!r} has no texts", "use --modality image or another dataset")
+        X = text_embeddings(encoder, [firsts[i] for i in rows], store, progress=progress)
+    t = dataset.table.iloc[rows]
+    class_index = {c: i for i, c in enumerate(classes)}
+    y = np.asarray([class_index.get(v, -1) if v is not None else -1 for v in t["label"]], dtype=np.int64)
+    split = np.asarray([s if isinstance(s, str) else None for s in t["split"]], dtype=object)
+    return Prepared(dataset, modality, X, rows, np.asarray(t["id"].astype(str)), y, split, classes, result)
