@@ -192,12 +192,13 @@ def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
     return {"store": str(store.root), "problems": problems, "removed": removed, "ok": not corrupt or args.repair}
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, *, whole: bool = False):
+    """The dataset of ``--data`` (re-split by ``--split-ratios``); only ``--split`` unless ``whole``."""
     from .data import load_dataset
 
     ratios = _parse_ratios(args.split_ratios) if args.split_ratios else None
     ds = load_dataset(args.data, splits=ratios, seed=args.seed)
-    if args.split:
+    if not whole and getattr(args, "split", None):
         ds = ds.select_split(args.split)
     return ds
 

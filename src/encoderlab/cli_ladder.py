@@ -127,6 +127,9 @@ def add_commands(sub: Any, fmt: type, common: Callable, data_options: Callable) 
                    help="comma-separated subset of zeroshot,knn,linear,tip,retrieval (default: all)")
     p.add_argument("--shots", default="1,4,16", help="few-shot settings (default: 1,4,16)")
     p.add_argument("--seeds", type=int, default=3, help="k-shot samples per setting (default: %(default)s)")
+    p.add_argument("--probe-features", choices=["auto", "joint", "tower"], default="auto",
+                   help="features kNN and the linear probe read; auto: the image tower's own features when the "
+                        "encoder is an aligned pair (the projection can only lose information), else the embedding")
     prompt_options(p)
     encoder_options(p)
     p.set_defaults(func=cmd_compare)
@@ -142,7 +145,7 @@ def _context(args: argparse.Namespace, encoder_spec: str | None = None) -> tuple
 
     spec = encoder_spec or args.encoder
     parse_spec(spec)
-    ds = _load(args)
+    ds = _load(args, whole=True)  # every rung needs its train/val/test; --split only picks what is reported
     return create_encoder(spec, device=args.device, precision=args.precision), ds, _open_store(args)
 
 
@@ -263,7 +266,7 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
                               "add e.g. --out ~/models/aligned; it then loads as local:~/models/aligned")
     parse_spec(args.vision)
     parse_spec(args.text)
-    ds = _load(args)
+    ds = _load(args, whole=True)
     store = _open_store(args)
     train, val = ds.select_split("train"), ds.select_split("val")
     options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "patience") if getattr(args, k) is not None}
@@ -301,7 +304,8 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out).expanduser() if args.out else default_run_dir("compare", encoder.spec)
     comp = run_comparison(encoder, ds, store, rungs=rungs, shots=args.shots, seeds=args.seeds,
                           templates=args.templates, class_names=_class_names(args), n_boot=args.n_boot,
-                          seed=args.seed, progress=not (args.no_progress or args.json), out_dir=out_dir)
+                          seed=args.seed, progress=not (args.no_progress or args.json), out_dir=out_dir,
+                          probe_features=args.probe_features)
     out = comp.to_json()
     out["run_dir"] = str(out_dir)
     atomic_write_json(out_dir / "results.json", out)

@@ -38,7 +38,8 @@ FEW_SHOT_VAL_SHOTS = 4
 
 def full_scores(head: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
     """Class scores in the dataset's class order; classes the head never saw (absent from its training) get -inf."""
-    raw = np.asarray(head.decision_function(X), dtype=np.float64)
+    scorer = getattr(head, "decision_function", None) or head.predict_proba  # kNN has vote shares only
+    raw = np.asarray(scorer(X), dtype=np.float64)
     if raw.ndim == 1:  # a binary head returns one column
         raw = np.stack([-raw, raw], axis=1)
     classes = np.asarray(head.classes_).astype(np.int64)
@@ -259,7 +260,7 @@ def run_probe(
         scores = full_scores(head, Xt, prep.n_classes)
         metrics.update(_evaluate(yt, scores, prep.classes, n_boot, seed))
         costs["fit_seconds"] = round(fit_s, 4)
-        head_ms = ms_per_item(lambda: head.decision_function(Xt), len(test))
+        head_ms = ms_per_item(lambda: full_scores(head, Xt, prep.n_classes), len(test))
         params = n_params(head)
         settings.append({"setting": "full", "train_items": int(train.size), "val_items": int(val.size),
                          "fit_seconds": round(fit_s, 4), **_chosen(head)})
@@ -298,7 +299,7 @@ def run_probe(
         costs[f"{k}-shot/fit_seconds"] = round(float(np.mean(fit_times)), 4)
 
     if np.isnan(head_ms):  # few-shot only: time the last head
-        head_ms = ms_per_item(lambda: head.decision_function(Xt), len(test))
+        head_ms = ms_per_item(lambda: full_scores(head, Xt, prep.n_classes), len(test))
         params = n_params(head)
     costs["predict_ms_per_item"] = head_ms
     costs["encoder_ms_per_item"] = encoder_cost(encoder, prep, "test", encoder_ms)

@@ -59,8 +59,17 @@ def run_comparison(
     seed: int = 0,
     progress: bool = True,
     out_dir: str | Path | None = None,
+    probe_features: str = "auto",
 ) -> Comparison:
-    """Run the chosen rungs on one dataset and encoder; write each rung's run directory under ``out_dir``."""
+    """Run the chosen rungs on one dataset and encoder; write each rung's run directory under ``out_dir``.
+
+    ``probe_features``: which frozen features kNN and the linear probe read. For an encoder built on another one's
+    features (an aligned pair of towers), "auto" means the image tower's own features, which the projection head
+    can only lose information from; "joint" forces the joint embedding space. Tip-Adapter always works in the joint
+    space, since it mixes image affinities with the zero-shot text classifier.
+    """
+    if probe_features not in ("auto", "joint", "tower"):
+        raise EncoderlabError(f"unknown probe_features {probe_features!r}", "use auto, joint or tower")
     unknown = [r for r in rungs if r not in RUNGS]
     if unknown:
         raise EncoderlabError(f"unknown rung {unknown[0]!r}", f"choose from {', '.join(RUNGS)}")
@@ -73,10 +82,22 @@ def run_comparison(
     common = dict(n_boot=n_boot, seed=seed, encoder_ms=enc_ms)
     if "zeroshot" in rungs and dual:
         results["zeroshot"] = run_zeroshot(encoder, prep, store, templates=templates, class_names=class_names, **common)
+    source = encoder.feature_source(prep.modality)  # type: ignore[arg-type]
+    probe_encoder, probe_prep = encoder, prep
+    if source is not None and probe_features in ("auto", "tower"):
+        probe_encoder = source[0]
+        probe_prep = prepare(probe_encoder, dataset, store, modality=prep.modality, progress=progress)
+        if not np.array_equal(probe_prep.ids, prep.ids):  # paired comparisons need the very same test items
+            raise EncoderlabError("tower and joint features cover different items", "run with probe_features='joint'")
+    elif probe_features == "tower":
+        raise EncoderlabError(f"{encoder.spec!r} is not built on another encoder's features",
+                              "use probe_features='auto' or 'joint'")
     for method in ("knn", "linear", "tip"):
         if method in rungs and method not in skipped:
-            results[method] = run_probe(encoder, prep, store, method=method, shots=shots, seeds=seeds,
+            enc, pp = (encoder, prep) if method == "tip" else (probe_encoder, probe_prep)
+            results[method] = run_probe(enc, pp, store, method=method, shots=shots, seeds=seeds,
                                         templates=templates, class_names=class_names, **common)
+            results[method].config["features"] = "tower" if enc is not encoder else "joint"
     retrieval = None
     if "retrieval" in rungs and dual:
         if dataset.has_texts:
@@ -105,6 +126,7 @@ def comparison_rows(results: Mapping[str, RunResult]) -> list[dict[str, Any]]:
             row: dict[str, Any] = {
                 "rung": name,
                 "setting": "templates" if name == "zeroshot" else setting,
+                "features": r.config.get("features", "joint"),
                 "top1": m.get(f"{prefix}top1"),
                 "top1_std": m.get(f"{prefix}top1_std"),
                 "top1_ci_low": m.get(f"{prefix}top1_ci_low"),
@@ -135,7 +157,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def format_comparison(comp: Comparison) -> str:
     """The comparison as text tables: classification rungs, then retrieval."""
-    header = ["rung", "setting", "top-1 [95% CI]", "± std", "bal. acc", "macro-F1", "Δ vs zero-shot (p)",
+    header = ["rung", "setting", "features", "top-1 [95% CI]", "± std", "bal. acc", "macro-F1", "Δ vs zero-shot (p)",
               "fit s", "ms/item head", "ms/item +encoder", "params"]
     lines = []
     for r in comp.rows:
@@ -143,7 +165,7 @@ def format_comparison(comp: Comparison) -> str:
         delta = "-"
         if r.get("delta_vs_zeroshot") is not None:
             delta = f"{r['delta_vs_zeroshot']:+.3f} (p={r['delta_p_value']:.3f})"
-        lines.append([r["rung"], r["setting"], ci, _fmt(r["top1_std"]), _fmt(r["balanced_accuracy"]),
+        lines.append([r["rung"], r["setting"], r["features"], ci, _fmt(r["top1_std"]), _fmt(r["balanced_accuracy"]),
                       _fmt(r["macro_f1"]), delta, _fmt(r["fit_seconds"], 2), _fmt(r["predict_ms_per_item"], 4),
                       _fmt(r["predict_ms_per_item_with_encoder"], 2), _fmt(r["trainable_params"])])
     out = [_table(lines, header)]
