@@ -118,6 +118,8 @@ def add_commands(sub: Any, fmt: type, common: Callable, data_options: Callable) 
     p.add_argument("--shuffle-pairs", action="store_true",
                    help="control run: captions shuffled across images (held-out retrieval should fall to chance)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out test retrieval after training")
+    p.add_argument("--force", action="store_true",
+                   help="train even when MODEL_DIR already holds a model of the same towers, data and settings")
     encoder_options(p, needs_encoder=False)
     p.set_defaults(func=cmd_align)
 
@@ -255,9 +257,27 @@ def cmd_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _align_request(args: argparse.Namespace, ds: Any, options: dict[str, Any]) -> str:
+    """Digest of everything an aligned model depends on: tower weights, data split, settings."""
+    from .encoders import create_encoder
+    from .encoders.aligned import tower_fingerprint
+    from .hashing import json_digest
+    from .ladder import data_provenance
+
+    towers = {m: tower_fingerprint(create_encoder(spec, device=args.device, precision=args.precision))
+              for m, spec in (("image", args.vision), ("text", args.text))}
+    data = data_provenance(ds)
+    return json_digest({"towers": towers, "data": data["source"], "splits": data["splits"], "head": args.head,
+                        "dim": args.dim, "seed": args.seed, "shuffle_pairs": args.shuffle_pairs, **options})
+
+
 def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    from .atomic import atomic_write_json
     from .cli import _load, _open_store, _table
     from .encoders import create_encoder, parse_spec
+    from .encoders.aligned import is_aligned_dir, read_config
     from .ladder import run_retrieval, write_run
     from .train.align import align_encoders
 
@@ -268,24 +288,43 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     parse_spec(args.text)
     ds = _load(args, whole=True)
     store = _open_store(args)
-    train, val = ds.select_split("train"), ds.select_split("val")
+    model_dir = Path(args.out).expanduser()
     options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "patience") if getattr(args, k) is not None}
     progress = not (args.no_progress or args.json)
-    result = align_encoders(args.vision, args.text, train, val, Path(args.out).expanduser(), store=store,
-                            head=args.head, dim=args.dim, seed=args.seed, shuffle_pairs=args.shuffle_pairs,
-                            progress=progress, device=args.device, **options)
-    out: dict[str, Any] = {"model_dir": str(result.path), "spec": f"local:{result.path}", **result.summary()}
-    if not args.no_eval and "test" in ds.splits:
-        encoder = create_encoder(f"local:{result.path}", device=args.device, precision=args.precision)
-        ev = run_retrieval(encoder, ds, store, split="test", n_boot=args.n_boot, seed=args.seed, progress=progress)
-        ev.costs.update(fit_seconds=result.fit_seconds, trainable_params=result.trainable_params)
-        ev.config["align"] = result.summary()
-        write_run(ev, Path(result.path) / "eval")
-        out["test_retrieval"] = ev.metrics
+    request = _align_request(args, ds, options)
+    stamp = model_dir / "request.json"
+    up_to_date = (not args.force and is_aligned_dir(model_dir) and stamp.is_file()
+                  and json.loads(stamp.read_text()).get("digest") == request)
+    if up_to_date:  # same towers, same split, same settings: training again would give the same heads
+        train_info = read_config(model_dir).get("train", {})
+        out: dict[str, Any] = {"model_dir": str(model_dir), "spec": f"local:{model_dir}", "up_to_date": True,
+                               "best_epoch": train_info.get("best_epoch"), "epochs_run": train_info.get("epochs_run"),
+                               "fit_seconds": train_info.get("fit_seconds")}
+        evaluated = model_dir / "eval" / "results.json"
+        if not args.no_eval and evaluated.is_file():
+            out["test_retrieval"] = json.loads(evaluated.read_text())["metrics"]
+    else:
+        train, val = ds.select_split("train"), ds.select_split("val")
+        result = align_encoders(args.vision, args.text, train, val, model_dir, store=store, head=args.head,
+                                dim=args.dim, seed=args.seed, shuffle_pairs=args.shuffle_pairs, progress=progress,
+                                device=args.device, **options)
+        atomic_write_json(stamp, {"digest": request})
+        out = {"model_dir": str(result.path), "spec": f"local:{result.path}", "up_to_date": False, **result.summary()}
+        if not args.no_eval and "test" in ds.splits:
+            encoder = create_encoder(f"local:{result.path}", device=args.device, precision=args.precision)
+            ev = run_retrieval(encoder, ds, store, split="test", n_boot=args.n_boot, seed=args.seed,
+                               progress=progress)
+            ev.costs.update(fit_seconds=result.fit_seconds, trainable_params=result.trainable_params)
+            ev.config["align"] = result.summary()
+            write_run(ev, Path(result.path) / "eval")
+            out["test_retrieval"] = ev.metrics
     if not args.json:
-        print(f"aligned model: {result.path}  (use it as --encoder local:{result.path})")
-        print(f"best epoch {result.best_epoch} of {result.epochs_run}, head training {result.fit_seconds:.1f} s, "
-              f"{result.trainable_params} trainable parameters")
+        if out["up_to_date"]:
+            print(f"aligned model {model_dir} is up to date (same towers, data split and settings; --force retrains)")
+        else:
+            print(f"aligned model: {out['model_dir']}  (use it as --encoder local:{out['model_dir']})")
+            print(f"best epoch {out['best_epoch']} of {out['epochs_run']}, head training {out['fit_seconds']:.1f} s, "
+                  f"{out['trainable_params']} trainable parameters")
         if "test_retrieval" in out:
             m = out["test_retrieval"]
             _table([[d] + [_ci(m, f"{d}_R@{k}") for k in (1, 5, 10)] + [_ci(m, f"{d}_mrr"),

@@ -44,7 +44,7 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        from . import hf, local, open_clip, packaged  # noqa: F401
+        from . import aligned, hf, local, open_clip, packaged  # noqa: F401
 
 
 def parse_spec(spec: str) -> ParsedSpec:
