@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..cpu import small_fit_threads
 from ..data.prompts import class_display_names, class_prompts, load_templates
 from ..encoders.base import Encoder
 from ..errors import EncoderlabError
@@ -197,6 +198,12 @@ def make_head(method: str, seed: int, class_weight: str | None = None, logit_sca
 
 def _fit(method: str, head: Any, prep: Prepared, tr: np.ndarray, va: np.ndarray | None, refit: bool,
          class_embeddings: np.ndarray | None) -> Any:
+    with small_fit_threads("cpu"):  # small problems: see encoderlab.cpu
+        return _fit_head(method, head, prep, tr, va, refit, class_embeddings)
+
+
+def _fit_head(method: str, head: Any, prep: Prepared, tr: np.ndarray, va: np.ndarray | None, refit: bool,
+              class_embeddings: np.ndarray | None) -> Any:
     Xv = prep.X[va] if va is not None and va.size else None
     yv = prep.y[va] if va is not None and va.size else None
     if method == "linear":
