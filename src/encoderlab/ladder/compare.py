@@ -79,7 +79,7 @@ def run_comparison(
     prep = prepare(encoder, dataset, store, progress=progress)
     enc_ms = encoder_cost(encoder, prep, "test", None)
     results: dict[str, RunResult] = {}
-    common = dict(n_boot=n_boot, seed=seed, encoder_ms=enc_ms)
+    common: dict[str, Any] = {"n_boot": n_boot, "seed": seed, "encoder_ms": enc_ms}
     if "zeroshot" in rungs and dual:
         results["zeroshot"] = run_zeroshot(encoder, prep, store, templates=templates, class_names=class_names, **common)
     source = encoder.feature_source(prep.modality)  # type: ignore[arg-type]

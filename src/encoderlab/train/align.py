@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cpu import small_fit_threads
 from ..data.manifest import Dataset
 from ..encoders.aligned import (
     FORMAT_VERSION,
@@ -36,7 +37,6 @@ from ..encoders.aligned import (
     save_aligned,
     tower_fingerprint,
 )
-from ..cpu import small_fit_threads
 from ..encoders.base import Encoder, select_device
 from ..errors import EncoderlabError
 from ..features import caption_pairs, image_embeddings, text_embeddings
