@@ -250,3 +250,35 @@ def test_cli_zeroshot_probe_retrieval_compare(tmp_path, capsys):
     assert "positive integers" in capsys.readouterr().err
     assert main(["zeroshot", *common, "--templates", "clip8"]) == 1
     assert "did you mean clip80" in capsys.readouterr().err
+
+
+def test_cli_align_then_use_everywhere(tmp_path, capsys, tiny_vit_dir, tiny_bert_dir):
+    path = color_dataset(tmp_path / "colors")
+    data = f"jsonl:{path}?image=image&text=text&label=label&split=split"
+    model = tmp_path / "aligned"
+    common = ["--data", data, "--store", str(tmp_path / "store"), "--n-boot", "50"]
+    align = ["align", "--vision", f"hf-vision:{tiny_vit_dir}", "--text", f"hf-text:{tiny_bert_dir}", "--out", str(model),
+             "--dim", "8", "--epochs", "3", *common, "--json"]
+
+    def run(argv: list[str]) -> dict:
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out)
+
+    first = run(align)
+    assert first["up_to_date"] is False and first["epochs_run"] == 3
+    assert (model / "heads.safetensors").exists() and (model / "eval" / "results.json").exists()
+    assert first["test_retrieval"]["i2t_queries"] == 6
+    again = run(align)  # same towers, split and settings: nothing to train
+    assert again["up_to_date"] is True and again["test_retrieval"] == first["test_retrieval"]
+    assert run([*align[:-1], "--epochs", "2", "--json"])["up_to_date"] is False  # a changed setting retrains
+    assert run([*align, "--force"])["up_to_date"] is False
+    zs = run(["zeroshot", "--encoder", f"local:{model}", "--templates", "name", *common, "--json"])
+    assert zs["config"]["encoder"] == f"local:{model}" and 0.0 <= zs["metrics"]["top1"] <= 1.0
+    cmp = run(["compare", "--encoder", f"local:{model}", "--shots", "1", "--seeds", "2", "--templates", "name",
+               *common, "--json"])
+    features = {r["rung"]: r["features"] for r in cmp["table"]}
+    assert features == {"zeroshot": "joint", "knn": "tower", "linear": "tower", "tip": "joint"}
+    assert main(["align", "--vision", "efficientnet-lite", "--text", "minilm-l6", "--out", str(model), *common]) == 1
+    assert "did you mean efficientnet-lite0" in capsys.readouterr().err

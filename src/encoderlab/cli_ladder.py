@@ -317,7 +317,7 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
             ev.costs.update(fit_seconds=result.fit_seconds, trainable_params=result.trainable_params)
             ev.config["align"] = result.summary()
             write_run(ev, Path(result.path) / "eval")
-            out["test_retrieval"] = ev.metrics
+            out["test_retrieval"] = ev.to_json()["metrics"]
     if not args.json:
         if out["up_to_date"]:
             print(f"aligned model {model_dir} is up to date (same towers, data split and settings; --force retrains)")
