@@ -89,10 +89,11 @@ def test_carve_val_keeps_a_train_item_per_class():
 
 def test_linear_probe_sweep_picks_sensible_C():
     rng = np.random.default_rng(1)
-    # many noisy dimensions, few items: heavy regularization wins
-    X, y = blobs(420, 300, 3, sep=0.12, seed=1)
-    noisy = LinearProbe().fit(X[:120], y[:120], X[120:], y[120:])
-    assert noisy.best_C_ <= 0.01
+    # about as many dimensions as items (near the interpolation threshold), weak signal: heavy regularization wins
+    X, y = blobs(750, 100, 3, sep=0.2, seed=0)
+    noisy = LinearProbe().fit(X[:150], y[:150], X[150:], y[150:])
+    assert noisy.best_C_ <= 0.03
+    assert max(s["val_accuracy"] for s in noisy.sweep_) > noisy.sweep_[-1]["val_accuracy"] + 0.05
     # the class signal is a small difference between two large, correlated features: only a weakly regularized
     # fit can find it (strong L2 spreads weight over both and keeps the nuisance)
     n = 600
@@ -190,7 +191,8 @@ def test_knn_matches_naive_loop(weights):
 def test_knn_matches_sklearn_uniform():
     X, y = blobs(400, 32, 5, sep=0.4, seed=4)
     ours = KNNClassifier(k=9).fit(X[:300], y[:300])
-    ref = KNeighborsClassifier(n_neighbors=9, metric="cosine", weights="uniform", algorithm="brute").fit(X[:300], y[:300])
+    ref = KNeighborsClassifier(n_neighbors=9, metric="cosine", weights="uniform", algorithm="brute")
+    ref.fit(X[:300], y[:300])
     assert np.allclose(ours.predict_proba(X[300:]), ref.predict_proba(X[300:]), atol=1e-6)
     assert ours.score(X[300:], y[300:]) == pytest.approx(ref.score(X[300:], y[300:]))
 
@@ -253,13 +255,12 @@ def zero_shot_pred(X: np.ndarray, text: np.ndarray) -> np.ndarray:
 
 
 def test_tip_adapter_alpha_zero_is_zero_shot():
-    text, (X, y), (Xv, yv), (Xt, yt) = few_shot_task(4, text_noise=1.0)
+    text, (X, y), (Xv, yv), (Xt, _) = few_shot_task(4, text_noise=1.0)
     tip = TipAdapter(alphas=[0.0], betas=[1.0, 5.0]).fit(X, y, text, Xv, yv)
     assert tip.best_alpha_ == 0.0
     assert np.array_equal(tip.predict(Xt), zero_shot_pred(Xt, text))
-    tuned = TipAdapter().fit(X, y, text, Xv, yv)
-    assert np.array_equal(tuned.predict(Xt) if tuned.best_alpha_ == 0 else
-                          tuned.classes_[tuned.decision_function(Xt, alpha=0.0).argmax(1)], zero_shot_pred(Xt, text))
+    tuned = TipAdapter().fit(X, y, text, Xv, yv)  # any tuned head, evaluated with alpha=0
+    assert np.array_equal(tuned.decision_function(Xt, alpha=0.0).argmax(1), zero_shot_pred(Xt, text))
 
 
 def test_tip_adapter_cache_beats_noisy_zero_shot():
@@ -267,7 +268,7 @@ def test_tip_adapter_cache_beats_noisy_zero_shot():
     zs_acc = float((zero_shot_pred(Xt, text) == yt).mean())
     tip = TipAdapter().fit(X, y, text, Xv, yv)
     assert tip.best_alpha_ > 0 and tip.score(Xt, yt) > zs_acc + 0.05
-    assert len(tip.sweep_) == 21 * 20 and tip.cache_size_ == len(y) + len(yv)
+    assert len(tip.sweep_) == 21 * 20 and tip.cache_size_ == len(y) + len(yv) and tip.n_trainable_params == 0
     proba = tip.predict_proba(Xt)
     assert np.allclose(proba.sum(1), 1, atol=1e-5) and proba.shape == (len(yt), 10)
     carved = TipAdapter(refit=False).fit(X, y, text)  # no val: carved from the cache items

@@ -23,6 +23,8 @@ def as_features(X: Any, name: str = "X", n_features: int | None = None) -> np.nd
         arr = np.ascontiguousarray(X, dtype=np.float32)
     except (TypeError, ValueError) as e:
         raise EncoderlabError(f"{name} is not a numeric array ({e})", "pass a float array of shape [n, d]") from None
+    if not arr.flags.writeable:  # e.g. memory-mapped: torch.from_numpy would warn on every use
+        arr = arr.copy()
     if arr.ndim != 2:
         raise EncoderlabError(f"{name} has shape {arr.shape}, expected [n_items, n_features]",
                               "reshape it to 2-D (one row per item)")
@@ -99,7 +101,7 @@ def carve_val(y_index: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarr
             n = len(members)
             if n < 2:
                 continue
-            take = min(n - 1, max(1, int(round(fraction * n))))
+            take = min(n - 1, max(1, round(fraction * n)))
             val.append(rng.permutation(members)[:take])
     val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
     mask = np.ones(len(y_index), dtype=bool)

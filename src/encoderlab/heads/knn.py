@@ -107,6 +107,8 @@ class KNNClassifier(Head):
         if X_val is not None and self.refit:
             self._keys = torch.cat([self._keys, q_val])
             self._labels = torch.cat([self._labels, torch.from_numpy(yv).to(dev)])
+            if self.k_grid is None:
+                self.k_ = self._clip(self.k)  # the bank grew
         return self
 
     def _grid(self) -> list[int]:
