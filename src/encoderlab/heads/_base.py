@@ -119,9 +119,10 @@ def accuracy(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor) 
 
 
 def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``truth``."""
-    pred, truth = np.asarray(pred), np.asarray(truth)
-    return float(np.mean([(pred[truth == c] == c).mean() for c in np.unique(truth)]))
+    """Mean per-class recall over the classes present in ``truth`` (``metrics.balanced_accuracy``, head arg order)."""
+    from ..metrics.classification import balanced_accuracy as metric
+
+    return metric(np.asarray(truth), np.asarray(pred))
 
 
 class Head:

@@ -37,8 +37,9 @@ class Comparison:
         metrics: dict[str, Any] = {}
         costs: dict[str, Any] = {}
         for name, r in self.results.items():
-            metrics.update({f"{name}/{k}": v for k, v in r.to_json()["metrics"].items()})
-            costs.update({f"{name}/{k}": v for k, v in r.to_json()["costs"].items()})
+            saved = r.to_json()
+            metrics.update({f"{name}/{k}": v for k, v in saved["metrics"].items()})
+            costs.update({f"{name}/{k}": v for k, v in saved["costs"].items()})
         first = next(iter(self.results.values()))
         return {"task": "compare", "metrics": metrics, "costs": costs, "table": self.rows,
                 "config": {name: r.config for name, r in self.results.items()}, "data": first.data,

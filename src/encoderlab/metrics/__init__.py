@@ -23,6 +23,7 @@ from .retrieval import (
     per_query_hits,
     recall_at_k,
     reciprocal_ranks,
+    metrics_from_ranks,
     retrieval_metrics,
     retrieval_ranks,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "recall_at_k",
     "reciprocal_ranks",
     "resample_blocks",
+    "metrics_from_ranks",
     "retrieval_metrics",
     "retrieval_ranks",
     "top_k_accuracy",

@@ -198,19 +198,25 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, pair_img: np.
     ``{d}_mrr``, ``{d}_median_rank``, ``{d}_queries`` (queries with at least one positive; others are
     excluded) and ``{d}_chance_R@1`` (expected R@1 of a random ranking, to show how far above chance we are).
     """
-    ks = list(ks)
     _check_chunk(chunk_size, "chunk_size")
     img, txt, pi, pt = _validate(image_emb, text_emb, pair_img, pair_txt)
     i2t, t2i = _both_ranks(img, txt, pi, pt, int(chunk_size), GALLERY_CHUNK)
+    return metrics_from_ranks(i2t, t2i, pi, pt, ks)
+
+
+def metrics_from_ranks(i2t: np.ndarray, t2i: np.ndarray, pair_img: np.ndarray, pair_txt: np.ndarray,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """The ``retrieval_metrics`` summary from ranks already computed by ``retrieval_ranks`` (no second scoring pass)."""
+    pi, pt = np.asarray(pair_img, dtype=np.int64), np.asarray(pair_txt, dtype=np.int64)
     out: dict[str, float] = {}
     for d, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
             out[f"{d}_R@{k}"] = recall_at_k(ranks, k)
         out[f"{d}_mrr"] = mean_reciprocal_rank(ranks)
         out[f"{d}_median_rank"] = float(np.median(_valid(ranks)))
-        out[f"{d}_queries"] = int(np.count_nonzero(ranks >= 1))
-    out["i2t_chance_R@1"] = _chance_r1(img.shape[0], pi, pt, txt.shape[0])
-    out["t2i_chance_R@1"] = _chance_r1(txt.shape[0], pt, pi, img.shape[0])
+        out[f"{d}_queries"] = int(np.count_nonzero(np.asarray(ranks) >= 1))
+    out["i2t_chance_R@1"] = _chance_r1(len(i2t), pi, pt, len(t2i))
+    out["t2i_chance_R@1"] = _chance_r1(len(t2i), pt, pi, len(i2t))
     return out
 
 
