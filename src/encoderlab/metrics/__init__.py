@@ -19,11 +19,11 @@ from .classification import (
 )
 from .retrieval import (
     mean_reciprocal_rank,
+    metrics_from_ranks,
     pairs_from_captions,
     per_query_hits,
     recall_at_k,
     reciprocal_ranks,
-    metrics_from_ranks,
     retrieval_metrics,
     retrieval_ranks,
 )
@@ -36,6 +36,7 @@ __all__ = [
     "confusion_matrix",
     "macro_f1",
     "mean_reciprocal_rank",
+    "metrics_from_ranks",
     "paired_bootstrap",
     "pairs_from_captions",
     "per_class_recall",
@@ -44,7 +45,6 @@ __all__ = [
     "recall_at_k",
     "reciprocal_ranks",
     "resample_blocks",
-    "metrics_from_ranks",
     "retrieval_metrics",
     "retrieval_ranks",
     "top_k_accuracy",
