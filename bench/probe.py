@@ -151,10 +151,10 @@ def real_features(spec: str, encoder: str = "efficientnet-lite0") -> list[np.nda
     """X/y of train, val, test of a packaged set embedded by ``encoder``, read from the default store."""
     from encoderlab.data import load_dataset
     from encoderlab.encoders import create_encoder
-    from encoderlab.ladder import prepare
+    from encoderlab.extract import labelled_embeddings
     from encoderlab.store import EmbeddingStore
 
-    prep = prepare(create_encoder(encoder, device="cpu"), load_dataset(spec), EmbeddingStore(), progress=True)
+    prep = labelled_embeddings(create_encoder(encoder, device="cpu"), load_dataset(spec), EmbeddingStore(), progress=True)
     return [a for split in ("train", "val", "test") for a in (prep.X[prep.index(split)], prep.y[prep.index(split)])]
 
 

@@ -18,7 +18,7 @@ from encoderlab.data import Dataset
 from encoderlab.encoders import create_encoder
 from encoderlab.encoders.aligned import AlignedDualEncoder, portable_spec, resolve_spec
 from encoderlab.errors import EncoderlabError
-from encoderlab.features import image_embeddings, text_embeddings
+from encoderlab.extract import image_embeddings, text_embeddings
 from encoderlab.store import EmbeddingStore
 from encoderlab.train import align_encoders, contrastive_targets, evaluate_retrieval, lr_at, symmetric_infonce
 

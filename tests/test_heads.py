@@ -256,33 +256,33 @@ def zero_shot_pred(X: np.ndarray, text: np.ndarray) -> np.ndarray:
 
 def test_tip_adapter_alpha_zero_is_zero_shot():
     text, (X, y), (Xv, yv), (Xt, _) = few_shot_task(4, text_noise=1.0)
-    tip = TipAdapter(alphas=[0.0], betas=[1.0, 5.0]).fit(X, y, text, Xv, yv)
+    tip = TipAdapter(text, alphas=[0.0], betas=[1.0, 5.0]).fit(X, y, Xv, yv)
     assert tip.best_alpha_ == 0.0
     assert np.array_equal(tip.predict(Xt), zero_shot_pred(Xt, text))
-    tuned = TipAdapter().fit(X, y, text, Xv, yv)  # any tuned head, evaluated with alpha=0
+    tuned = TipAdapter(text).fit(X, y, Xv, yv)  # any tuned head, evaluated with alpha=0
     assert np.array_equal(tuned.decision_function(Xt, alpha=0.0).argmax(1), zero_shot_pred(Xt, text))
 
 
 def test_tip_adapter_cache_beats_noisy_zero_shot():
     text, (X, y), (Xv, yv), (Xt, yt) = few_shot_task(16, text_noise=1.5)
     zs_acc = float((zero_shot_pred(Xt, text) == yt).mean())
-    tip = TipAdapter().fit(X, y, text, Xv, yv)
+    tip = TipAdapter(text).fit(X, y, Xv, yv)
     assert tip.best_alpha_ > 0 and tip.score(Xt, yt) > zs_acc + 0.05
     assert len(tip.sweep_) == 21 * 20 and tip.cache_size_ == len(y) + len(yv) and tip.n_trainable_params == 0
     proba = tip.predict_proba(Xt)
     assert np.allclose(proba.sum(1), 1, atol=1e-5) and proba.shape == (len(yt), 10)
-    carved = TipAdapter(refit=False).fit(X, y, text)  # no val: carved from the cache items
+    carved = TipAdapter(text, refit=False).fit(X, y)  # no val: carved from the cache items
     assert carved.sweep_ and carved.cache_size_ == len(y) - 10 * round(0.2 * 16)
 
 
 def test_tip_adapter_one_shot_defaults_and_class_order():
     text, (X, y), _, (Xt, _) = few_shot_task(1, text_noise=0.5)
     names = np.array([f"c{i}" for i in range(10)])
-    tip = TipAdapter().fit(X, names[y], text)
+    tip = TipAdapter(text).fit(X, names[y])
     assert tip.sweep_ == [] and (tip.best_alpha_, tip.best_beta_) == (PAPER_ALPHA, PAPER_BETA)
     # rows named in another order give the same head
     perm = np.random.default_rng(0).permutation(10)
-    shuffled = TipAdapter().fit(X, names[y], text[perm], classes=list(names[perm]))
+    shuffled = TipAdapter(text[perm], classes=list(names[perm])).fit(X, names[y])
     assert np.allclose(shuffled.decision_function(Xt), tip.decision_function(Xt), atol=1e-4)
     with pytest.raises(EncoderlabError, match="rows"):
-        TipAdapter().fit(X, names[y], text[:9])
+        TipAdapter(text[:9]).fit(X, names[y])

@@ -23,7 +23,9 @@ from encoderlab.encoders import EncoderInfo, create_encoder, register_encoder
 from encoderlab.encoders.base import Encoder, ImageTransform
 from encoderlab.errors import EncoderlabError
 from encoderlab.heads.zeroshot import ZeroShotClassifier
-from encoderlab.ladder import prepare, run_comparison, run_probe, run_retrieval, run_zeroshot
+from encoderlab.extract import labelled_embeddings
+from encoderlab.ladder import run_comparison
+from encoderlab.rungs import run_probe, run_retrieval, run_zeroshot
 from encoderlab.store import EmbeddingStore
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -127,7 +129,7 @@ def test_zeroshot_ensemble_is_mean_of_normalized_prompts():
 
 def test_zeroshot_mock_encoder_is_exact_and_cached(color_data, store, tmp_path):
     enc = create_encoder("test-color", device="cpu")
-    prep = prepare(enc, color_data, store, progress=False)
+    prep = labelled_embeddings(enc, color_data, store, progress=False)
     r = run_zeroshot(enc, prep, store, templates="simple", compare_templates=True, n_boot=200)
     assert r.metrics["top1"] == 1.0 and r.metrics["balanced_accuracy"] == 1.0 and r.metrics["macro_f1"] == 1.0
     assert r.metrics["top1_ci_low"] <= 1.0 <= r.metrics["top1_ci_high"]
@@ -139,14 +141,14 @@ def test_zeroshot_mock_encoder_is_exact_and_cached(color_data, store, tmp_path):
     assert len(r.extra["templates"]) == len(load_templates("simple")) + 1
     # the second run reads every prompt and image from the store: nothing is encoded again
     before = {s["fingerprint"]: s["items"] for s in store.spaces()}
-    run_zeroshot(enc, prepare(enc, color_data, store, progress=False), store, templates="simple", n_boot=50)
+    run_zeroshot(enc, labelled_embeddings(enc, color_data, store, progress=False), store, templates="simple", n_boot=50)
     assert {s["fingerprint"]: s["items"] for s in store.spaces()} == before
 
 
 @pytest.mark.parametrize("method", ["linear", "knn", "tip"])
 def test_probe_full_and_few_shot(color_data, store, method):
     enc = create_encoder("test-color", device="cpu")
-    prep = prepare(enc, color_data, store, progress=False)
+    prep = labelled_embeddings(enc, color_data, store, progress=False)
     r = run_probe(enc, prep, store, method=method, shots=[1, 2], seeds=2, n_boot=100, templates="simple")
     assert r.metrics["top1"] >= 0.99  # colours are perfectly separable
     for k in (1, 2):
@@ -162,7 +164,7 @@ def test_probe_full_and_few_shot(color_data, store, method):
 def test_test_split_never_chooses(color_data, store):
     """Scrambling the test labels changes the reported accuracy but none of the choices made."""
     enc = create_encoder("test-color", device="cpu")
-    prep = prepare(enc, color_data, store, progress=False)
+    prep = labelled_embeddings(enc, color_data, store, progress=False)
     a = run_probe(enc, prep, store, method="linear", shots=[2], seeds=2, n_boot=50)
     test = prep.index("test")
     prep.y[test] = np.roll(prep.y[test], 1)
@@ -187,7 +189,7 @@ def test_retrieval_and_zeroshot_need_dual_encoder(color_data, store, tiny_vit_di
     enc = create_encoder(f"hf-vision:{tiny_vit_dir}", device="cpu")
     with pytest.raises(EncoderlabError, match="dual encoder"):
         run_retrieval(enc, color_data, store, progress=False)
-    prep = prepare(enc, color_data, store, progress=False)
+    prep = labelled_embeddings(enc, color_data, store, progress=False)
     with pytest.raises(EncoderlabError, match="dual encoder"):
         run_zeroshot(enc, prep, store)
     comp = run_comparison(enc, color_data, store, shots=[1], seeds=2, n_boot=50, progress=False)
@@ -196,7 +198,7 @@ def test_retrieval_and_zeroshot_need_dual_encoder(color_data, store, tiny_vit_di
 
 def test_unknown_split_is_named(color_data, store):
     enc = create_encoder("test-color", device="cpu")
-    prep = prepare(enc, color_data, store, progress=False)
+    prep = labelled_embeddings(enc, color_data, store, progress=False)
     with pytest.raises(EncoderlabError, match="split 'tset'.*'test'"):
         run_zeroshot(enc, prep, store, split="tset")
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 import encoderlab.store.embedding_store as es_mod
-import encoderlab.store.index as index_mod
+import encoderlab.store.key_index as index_mod
 from encoderlab.errors import CorruptStoreError, EncoderlabError
 from encoderlab.store import EmbeddingSpace, EmbeddingStore, MissingEmbeddingsError, ShardRecord
 from encoderlab.store import shards as shards_mod
-from encoderlab.store.index import KeyIndex, encode_query
+from encoderlab.store.key_index import KeyIndex, encode_query
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 DIM = 6

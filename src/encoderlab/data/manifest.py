@@ -15,12 +15,15 @@ from typing import Any
 import pandas as pd
 
 from ..errors import EncoderlabError, close_matches
-from .splits import DEFAULT_RATIOS, check_ratios, hash_splits, k_shot_sample
+from .splits import DEFAULT_RATIOS, carve_validation, check_ratios, hash_splits, k_shot_sample
 
 CORE_COLUMNS = ("id", "image", "texts", "label", "split")
+#: share of each class of train carved into a validation split when a source has none
+VAL_FRACTION = 0.1
 
 
-def _clean_str(value: Any) -> str | None:
+def clean_str(value: Any) -> str | None:
+    """A cell as a non-empty string, or None (None, NaN, empty string)."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -34,7 +37,8 @@ def _clean_str(value: Any) -> str | None:
     return s if s != "" else None
 
 
-def _clean_texts(value: Any) -> list[str]:
+def clean_texts(value: Any) -> list[str]:
+    """A cell of captions (one string, a list, an array) as a list of non-blank strings."""
     if value is None:
         return []
     if type(value) is list and all(type(t) is str and t.strip() for t in value):
@@ -44,7 +48,7 @@ def _clean_texts(value: Any) -> list[str]:
     try:
         items = list(value)
     except TypeError:
-        s = _clean_str(value)
+        s = clean_str(value)
         return [s] if s and s.strip() else []
     return [str(t) for t in items if t is not None and not (isinstance(t, float) and pd.isna(t)) and str(t).strip()]
 
@@ -58,13 +62,13 @@ def normalize_table(table: pd.DataFrame) -> pd.DataFrame:
             f"a manifest needs exactly {list(CORE_COLUMNS)} first, then metadata columns",
         )
     t = table.reset_index(drop=True).copy()
-    t["id"] = pd.Series([str(i) if _clean_str(i) is not None else None for i in t["id"].tolist()], dtype=object)
+    t["id"] = pd.Series([str(i) if clean_str(i) is not None else None for i in t["id"].tolist()], dtype=object)
     if t["id"].isna().any():
         raise EncoderlabError(f"manifest has {int(t['id'].isna().sum())} item(s) with an empty id")
     dupes = t["id"][t["id"].duplicated()].unique().tolist()
     if dupes:
         raise EncoderlabError(f"manifest ids must be unique; repeated: {dupes[:5]}", "give every item its own id")
-    for col, clean in (("image", _clean_str), ("texts", _clean_texts), ("label", _clean_str), ("split", _clean_str)):
+    for col, clean in (("image", clean_str), ("texts", clean_texts), ("label", clean_str), ("split", clean_str)):
         t[col] = pd.Series([clean(v) for v in t[col].tolist()], index=t.index, dtype=object)
     extra = [c for c in t.columns if c not in CORE_COLUMNS]
     return t[list(CORE_COLUMNS) + extra]
@@ -174,6 +178,25 @@ class Dataset:
             rows = table["split"] == from_split
             table.loc[rows, "split"] = hash_splits(table.loc[rows, "id"], ratios, seed)
             info.update(from_split=from_split, base=self.split_info)
+        return self._derive(table, split_info=info)
+
+    def ensure_validation(self, fraction: float = VAL_FRACTION, seed: int | str = 0) -> Dataset:
+        """This dataset if it has a ``val`` split (or no ``train``); else one with ``val`` carved out of ``train``.
+
+        Most public benchmarks ship train and test only. The carve is stratified by class and deterministic (the
+        items of each class with the smallest seeded id hash, see ``splits.carve_validation``); ``test`` is never
+        touched. ``split_info`` records it as ``{"method": "carved", "from_split": "train", "fraction", "seed",
+        "items", "base": <the previous split_info>}``.
+        """
+        splits = set(self.splits)
+        if "val" in splits or "train" not in splits:
+            return self
+        table = self.table.copy()
+        in_train = table["split"] == "train"
+        picked = carve_validation(table.loc[in_train, ["id", "label"]], fraction, seed)
+        table.loc[table["id"].isin(picked), "split"] = "val"
+        info = {"method": "carved", "from_split": "train", "to_split": "val", "fraction": fraction, "seed": seed,
+                "stratified_by": "label", "items": len(picked), "base": self.split_info}
         return self._derive(table, split_info=info)
 
     def k_shot(self, k: int, seed: int | str = 0, split: str | None = "train") -> Dataset:

@@ -106,3 +106,24 @@ def k_shot_sample(table: pd.DataFrame, k: int, seed: int | str = 0, split: str |
     counts = labelled["label"].value_counts()
     short = {str(c): int(n) for c, n in counts.items() if n < k}
     return KShotResult(picked.reset_index(drop=True), int(k), seed, split, short, dropped)
+
+
+def carve_validation(table: pd.DataFrame, fraction: float, seed: int | str = 0) -> list[str]:
+    """Ids of a stratified validation part of ``table`` (columns ``id``, ``label``), chosen by seeded id hash.
+
+    Per label, ``min(n - 1, max(1, round(fraction * n)))`` items with the smallest hash go to validation, so a
+    class with two or more items keeps at least one for training and gets at least one for validation; a class
+    with one item stays whole. Unlabelled items are never carved. Independent of row order.
+    """
+    if not 0.0 < float(fraction) < 1.0:
+        raise EncoderlabError(f"validation fraction must be in (0, 1), got {fraction!r}", "e.g. 0.1")
+    labelled = table[table["label"].notna()]
+    keys = labelled["id"].map(lambda i: unit_hash(str(i), seed, salt="val:"))
+    order = labelled.assign(_key=keys).sort_values(["label", "_key", "id"], kind="stable")
+    picked: list[str] = []
+    for _, group in order.groupby("label", sort=True, observed=True):
+        n = len(group)
+        if n < 2:
+            continue
+        picked.extend(group["id"].head(min(n - 1, max(1, round(float(fraction) * n)))).astype(str))
+    return picked

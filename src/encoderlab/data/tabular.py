@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..errors import EncoderlabError, close_matches
 from ..hashing import bytes_digest
-from .manifest import CORE_COLUMNS, _clean_str, _clean_texts
+from .manifest import CORE_COLUMNS, clean_str, clean_texts
 from .sources import SourceResult, register_source
 
 ROLES = ("id", "image", "text", "label", "split")
@@ -175,8 +175,8 @@ def _row_item(
         col = mapping[role]
         return row.get(col) if col is not None else None
 
-    image_rel = _clean_str(get("image"))
-    texts = _clean_texts(get("text"))
+    image_rel = clean_str(get("image"))
+    texts = clean_texts(get("text"))
     image = None
     if image_rel is not None:
         image = os.path.normpath(image_rel if os.path.isabs(image_rel) else os.path.join(base, image_rel))
@@ -189,7 +189,7 @@ def _row_item(
     elif not texts:
         skipped.append({"path": where, "reason": "empty-row", "detail": "no image and no text"})
         return None
-    raw_id = _clean_str(get("id"))
+    raw_id = clean_str(get("id"))
     if raw_id is not None:
         key = item_id = raw_id
     elif image is not None:
@@ -198,8 +198,8 @@ def _row_item(
         item_id = Path(rel).as_posix() if not rel.startswith("..") else image
     else:
         key = item_id = "t" + bytes_digest("\n".join(texts).encode("utf-8"))
-    label = _clean_str(get("label"))
-    split = _clean_str(get("split"))
+    label = clean_str(get("label"))
+    split = clean_str(get("split"))
     return {
         "_key": key,
         "id": item_id,

@@ -1,11 +1,12 @@
 """Encoders: one contract, one registry, adapters for transformers, open_clip, packaged and local models."""
 
-from .base import Encoder, EncoderInfo, ImageTransform, select_device, select_precision
+from .base import Encoder, EncoderInfo, FeatureSource, ImageTransform, select_device, select_precision
 from .registry import create_encoder, list_encoders, parse_spec, register_encoder, register_prefix
 
 __all__ = [
     "Encoder",
     "EncoderInfo",
+    "FeatureSource",
     "ImageTransform",
     "create_encoder",
     "list_encoders",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..atomic import _UMASK, atomic_write_bytes, atomic_write_json
 from ..errors import EncoderlabError
 from ..hashing import json_digest
-from .base import Encoder, Modality, state_dict_digest
+from .base import Encoder, FeatureSource, Modality, state_dict_digest
 from .local import LOCAL_KINDS
 
 KIND = "aligned"
@@ -236,9 +236,9 @@ class AlignedDualEncoder(Encoder):
             "input_normalize": self.input_normalize,
         }
 
-    def feature_source(self, modality: Modality) -> tuple[Encoder, HeadFn]:
+    def feature_source(self, modality: Modality) -> FeatureSource:
         self.check_modality(modality)
-        return self.towers[modality], self.head_fns[modality]
+        return FeatureSource(self.towers[modality], self.head_fns[modality])
 
     def image_transform(self) -> Any:
         return self.towers["image"].image_transform()

@@ -15,7 +15,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -35,6 +35,13 @@ class EncoderInfo:
     modalities: tuple[str, ...]
     description: str = ""
     requires: str = ""  # the extra or package it needs, for `encoders list`
+
+
+class FeatureSource(NamedTuple):
+    """How an encoder's embeddings derive from another encoder's: ``embeddings = head(base embeddings)``."""
+
+    base: Encoder
+    head: Callable[[torch.Tensor], torch.Tensor]
 
 
 def select_device(device: str | torch.device | None = None) -> torch.device:
@@ -149,8 +156,8 @@ class Encoder(ABC):
                 "pick a dual encoder (hf:..., open_clip:...) or one for that modality",
             )
 
-    def feature_source(self, modality: Modality) -> tuple[Encoder, Callable[[torch.Tensor], torch.Tensor]] | None:
-        """``(base encoder, head)`` when this encoder's embeddings are ``head(base embeddings)``, else None.
+    def feature_source(self, modality: Modality) -> FeatureSource | None:
+        """``FeatureSource(base, head)`` when this encoder's embeddings are ``head(base embeddings)``, else None.
 
         Encoders built on top of another encoder's frozen features (an aligned pair of towers with projection heads)
         return their tower and head here, so extraction computes the tower features once into the store and derives

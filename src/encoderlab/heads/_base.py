@@ -7,6 +7,7 @@ returns ``self``, learned attributes end in ``_``, labels may be any sortable ha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -109,43 +110,122 @@ def carve_val(y_index: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarr
     return np.flatnonzero(mask), val_idx
 
 
-def l2_normalize(X: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit length (an all-zero row stays zero instead of becoming NaN)."""
-    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+#: validation metrics a head can choose its knobs by
+SCORINGS = ("accuracy", "balanced_accuracy")
+#: fewer carved validation items than this and a sweep would be noise: heads fall back to fixed defaults
+MIN_VAL_ITEMS = 5
+
+
+def check_scoring(scoring: str) -> str:
+    if scoring not in SCORINGS:
+        raise EncoderlabError(f"scoring={scoring!r} is not supported", 'use "accuracy" or "balanced_accuracy"')
+    return scoring
+
+
+def check_val_pair(X_val: Any, y_val: Any) -> bool:
+    """True when validation data was given; one of the two without the other is an error."""
+    if (X_val is None) != (y_val is None):
+        raise EncoderlabError("X_val and y_val must be given together", "pass both or neither")
+    return X_val is not None
+
+
+def val_arrays(X_val: Any, y_val: Any, classes: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation features and their positions in the fitted ``classes`` (an unseen label is an error)."""
+    Xv = as_features(X_val, "X_val", n_features)
+    return Xv, index_labels(as_labels(y_val, Xv.shape[0], "y_val"), classes)
+
+
+def val_score(pred: np.ndarray, truth: np.ndarray, scoring: str) -> tuple[float, float]:
+    """``(accuracy, score)`` of predictions on validation data; ``score`` is what a sweep maximizes."""
+    from ..metrics.classification import balanced_accuracy
+
+    acc = accuracy(pred, truth)
+    return acc, (acc if scoring == "accuracy" else balanced_accuracy(np.asarray(truth), np.asarray(pred)))
+
+
+def best_on_grid(scores: Sequence[float]) -> int:
+    """Index of the best validation score; ties go to the earliest candidate.
+
+    Every head orders its grid from the simplest model (strongest regularization, fewest neighbours, smallest
+    cache weight) up, so a tie keeps the simpler model — a strict improvement is needed to move on.
+    """
+    if len(scores) == 0:
+        raise ValueError("best_on_grid needs at least one score")
+    return int(np.argmax(np.asarray(scores, dtype=np.float64)))
+
+
+def number_grid(values: Any, name: str, *, integer: bool = False, minimum: float = 0.0,
+                strict: bool = False, example: str = "[0.5, 1, 2]") -> list:
+    """``values`` as a sorted list of finite numbers ``>= minimum`` (``> minimum`` when ``strict``)."""
+    try:
+        arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise EncoderlabError(f"{name}={values!r} is not a list of numbers", f"e.g. {name}={example}") from None
+    ok = arr.size > 0 and np.all(np.isfinite(arr)) and np.all(arr > minimum if strict else arr >= minimum)
+    if integer:
+        ok = ok and bool(np.all(arr == np.round(arr)))
+    if not ok:
+        rule = f"{'>' if strict else '>='} {minimum:g}"
+        kind = "integers" if integer else "finite numbers"
+        raise EncoderlabError(f"{name}={values!r} must be {kind} {rule}", f"e.g. {name}={example}")
+    return sorted({int(v) for v in arr}) if integer else sorted(float(v) for v in arr)
 
 
 def accuracy(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor) -> float:
     return float((np.asarray(pred) == np.asarray(truth)).mean())
 
 
-def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``truth`` (``metrics.balanced_accuracy``, head arg order)."""
-    from ..metrics.classification import balanced_accuracy as metric
-
-    return metric(np.asarray(truth), np.asarray(pred))
+def class_counts(y_index: np.ndarray, n_classes: int) -> np.ndarray:
+    """Labelled items per class (aligned with ``classes_``): what ``fit_counts_`` records."""
+    return np.bincount(np.asarray(y_index, dtype=np.int64), minlength=n_classes)
 
 
 class Head:
-    """Mixin: ``predict`` from ``predict_proba`` (argmax; ties go to the lowest class index) and ``score``."""
+    """Base of every head: the one contract ``fit(X, y, X_val=None, y_val=None) -> self``, predict, score.
+
+    ``predict`` is the argmax of ``decision_function`` (or of ``predict_proba`` for heads without logits); ties
+    go to the lowest class index. After ``fit``, ``fit_counts_[i]`` is how many labelled items of ``classes_[i]``
+    the final model holds (its training set, neighbour bank or cache): the few-shot protocol checks it.
+    """
 
     classes_: np.ndarray
+    fit_counts_: np.ndarray
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> Head:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "classes_"):
             raise EncoderlabError(f"this {type(self).__name__} is not fitted yet", "call fit(X, y) first")
 
+    def decision_function(self, X: Any) -> np.ndarray:  # pragma: no cover - optional
+        raise NotImplementedError
+
     def predict_proba(self, X: Any) -> np.ndarray:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def predict(self, X: Any) -> np.ndarray:
-        """The most probable class label per row (lowest class index among exact ties)."""
+    def scores(self, X: Any) -> np.ndarray:
+        """Per-class scores [n, n_classes] the prediction is the argmax of: logits when the head has them."""
         self._check_fitted()
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        if type(self).decision_function is not Head.decision_function:
+            return np.asarray(self.decision_function(X))
+        return np.asarray(self.predict_proba(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The best-scoring class label per row (lowest class index among exact ties)."""
+        best = np.argmax(self.scores(X), axis=1)  # checks fitted first
+        return self.classes_[best]
 
     def score(self, X: Any, y: Any) -> float:
         """Accuracy of ``predict(X)`` against ``y``."""
         pred = self.predict(X)
         return accuracy(pred, as_labels(y, len(pred)))
+
+    @property
+    def n_fit_items_(self) -> int:
+        """Labelled items in the final model (sum of ``fit_counts_``)."""
+        self._check_fitted()
+        return int(np.sum(self.fit_counts_))
 
     @property
     def n_trainable_params(self) -> int:

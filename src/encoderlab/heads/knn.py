@@ -14,15 +14,19 @@ import numpy as np
 import torch
 
 from ..errors import EncoderlabError
+from ..normalize import normalize_rows
 from ._base import (
     Head,
-    accuracy,
     as_features,
     as_labels,
-    balanced_accuracy,
+    best_on_grid,
+    check_scoring,
+    check_val_pair,
+    class_counts,
     encode_labels,
-    index_labels,
-    l2_normalize,
+    number_grid,
+    val_arrays,
+    val_score,
 )
 
 
@@ -65,26 +69,24 @@ class KNNClassifier(Head):
         classes, y_idx = encode_labels(as_labels(y, X.shape[0]))
         if self.weights not in ("uniform", "distance"):
             raise EncoderlabError(f"weights={self.weights!r} is not supported", 'use "uniform" or "distance"')
-        if self.scoring not in ("accuracy", "balanced_accuracy"):
-            raise EncoderlabError(f"scoring={self.scoring!r} is not supported", 'use "accuracy" or "balanced_accuracy"')
+        check_scoring(self.scoring)
         if int(self.chunk_size) < 1 or not float(self.temperature) > 0:
             raise EncoderlabError(f"chunk_size={self.chunk_size!r} and temperature={self.temperature!r} must be > 0")
-        if (X_val is None) != (y_val is None):
-            raise EncoderlabError("X_val and y_val must be given together", "pass both or neither")
+        has_val = check_val_pair(X_val, y_val)
         self.classes_ = classes
         self.n_features_in_ = X.shape[1]
         dev = torch.device(self.device)
-        self._keys = l2_normalize(torch.from_numpy(X).to(dev))
+        self._keys = normalize_rows(torch.from_numpy(X).to(dev))
         self._labels = torch.from_numpy(y_idx).to(dev)
-        if X_val is not None:
-            Xv = as_features(X_val, "X_val", X.shape[1])
-            yv = index_labels(as_labels(y_val, Xv.shape[0], "y_val"), classes)
-            q_val = l2_normalize(torch.from_numpy(Xv).to(dev))
+        if has_val:
+            Xv, yv = val_arrays(X_val, y_val, classes, X.shape[1])
+            q_val = normalize_rows(torch.from_numpy(Xv).to(dev))
         self.k_ = self._clip(self.k)
 
         if self.k_grid is not None:
-            grid = sorted({self._clip(k) for k in self._grid()})
-            if X_val is not None:
+            grid = sorted({self._clip(k) for k in number_grid(self.k_grid, "k_grid", integer=True, minimum=1,
+                                                               example="[1, 5, 10, 20]")})
+            if has_val:
                 sims, idx = self._neighbours(q_val, max(grid))
                 truth = yv
             else:  # leave-one-out: each training item against all the others (exact duplicates still count)
@@ -94,31 +96,18 @@ class KNNClassifier(Head):
                 sims, idx = self._neighbours(self._keys, max(grid), exclude_self=True)
                 truth = y_idx
             self.sweep_: list[dict[str, Any]] = []
-            best: tuple[float, int] | None = None
-            for k in grid:  # ascending; a strict improvement is needed, so ties keep the smaller k
+            for k in grid:  # ascending: ties keep the smaller k
                 pred = self._votes(sims[:, :k], idx[:, :k]).argmax(dim=1).cpu().numpy()
-                acc = accuracy(pred, truth)
-                score = acc if self.scoring == "accuracy" else balanced_accuracy(pred, truth)
+                acc, score = val_score(pred, truth, self.scoring)
                 self.sweep_.append({"k": k, "val_accuracy": acc, "val_score": score})
-                if best is None or score > best[0]:
-                    best = (score, k)
-            assert best is not None
-            self.best_k_ = self.k_ = best[1]
-        if X_val is not None and self.refit:
+            self.best_k_ = self.k_ = grid[best_on_grid([s["val_score"] for s in self.sweep_])]
+        if has_val and self.refit:
             self._keys = torch.cat([self._keys, q_val])
             self._labels = torch.cat([self._labels, torch.from_numpy(yv).to(dev)])
             if self.k_grid is None:
                 self.k_ = self._clip(self.k)  # the bank grew
+        self.fit_counts_ = class_counts(self._labels.cpu().numpy(), len(classes))
         return self
-
-    def _grid(self) -> list[int]:
-        try:
-            grid = [int(k) for k in self.k_grid]  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            raise EncoderlabError(f"k_grid={self.k_grid!r} is not a list of integers", "e.g. k_grid=[1, 5, 10, 20]")
-        if not grid or min(grid) < 1:
-            raise EncoderlabError(f"k_grid={self.k_grid!r} needs integers >= 1", "e.g. k_grid=[1, 5, 10, 20]")
-        return grid
 
     def _clip(self, k: Any) -> int:
         if int(k) < 1:
@@ -156,14 +145,14 @@ class KNNClassifier(Head):
     def kneighbors(self, X: Any, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities and bank indices of the ``k`` (default ``k_``) nearest bank items per row."""
         self._check_fitted()
-        Q = l2_normalize(torch.from_numpy(as_features(X, "X", self.n_features_in_)).to(self._keys.device))
+        Q = normalize_rows(torch.from_numpy(as_features(X, "X", self.n_features_in_)).to(self._keys.device))
         sims, idx = self._neighbours(Q, self._clip(self.k_ if k is None else k))
         return sims.cpu().numpy(), idx.cpu().numpy()
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Vote mass per class, normalized to sum to 1 per row."""
         self._check_fitted()
-        Q = l2_normalize(torch.from_numpy(as_features(X, "X", self.n_features_in_)).to(self._keys.device))
+        Q = normalize_rows(torch.from_numpy(as_features(X, "X", self.n_features_in_)).to(self._keys.device))
         out = []
         for _, q in self._chunks(Q):
             votes = self._votes(*self._neighbours(q, self.k_))

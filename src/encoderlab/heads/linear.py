@@ -28,20 +28,23 @@ import torch
 
 from ..errors import EncoderlabError
 from ._base import (
+    MIN_VAL_ITEMS,
     Head,
-    accuracy,
     as_features,
     as_labels,
-    balanced_accuracy,
+    best_on_grid,
     carve_val,
+    check_scoring,
+    check_val_pair,
+    class_counts,
     encode_labels,
-    index_labels,
+    number_grid,
+    val_arrays,
+    val_score,
 )
 
 #: default grid of inverse L2 strengths (scikit-learn's ``C``): 13 values, 1e-3 ... 1e3, half a decade apart
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 3, 13))
-#: fewer carved validation items than this and the sweep would be noise: the grid's middle value is used instead
-MIN_VAL_ITEMS = 5
 #: L-BFGS memory: up to 50 curvature pairs (fewer iterations than 10-20 on 1e4-1e5 parameters), within 256 MB
 _HISTORY_MAX, _HISTORY_BYTES = 50, 256 << 20
 
@@ -209,14 +212,10 @@ class LinearProbe(Head):
         t0 = time.perf_counter()
         X = as_features(X)
         classes, y_idx = encode_labels(as_labels(y, X.shape[0]))
-        Cs = self._grid()
-        if self.scoring not in ("accuracy", "balanced_accuracy"):
-            raise EncoderlabError(f"scoring={self.scoring!r} is not supported", 'use "accuracy" or "balanced_accuracy"')
-        if (X_val is None) != (y_val is None):
-            raise EncoderlabError("X_val and y_val must be given together", "pass both or neither")
-        if X_val is not None:
-            X_val = as_features(X_val, "X_val", X.shape[1])
-            val_idx_labels = index_labels(as_labels(y_val, X_val.shape[0], "y_val"), classes)
+        Cs = number_grid(self.Cs, "Cs", strict=True, example="[0.01, 0.1, 1, 10]")
+        check_scoring(self.scoring)
+        if check_val_pair(X_val, y_val):
+            X_val, val_idx_labels = val_arrays(X_val, y_val, classes, X.shape[1])
 
         dev = torch.device(self.device)
         mean = X.mean(axis=0, dtype=np.float64)
@@ -250,8 +249,8 @@ class LinearProbe(Head):
         if Z_va is None:
             self.best_C_ = float(Cs[len(Cs) // 2])
             theta, self.n_iter_ = self._solve(Z_all, y_idx, classes, self.best_C_, [])
+            y_fit = y_idx
         else:
-            best: tuple[float, float, torch.Tensor] | None = None
             theta, path = None, []
             for C in Cs:  # ascending: strong -> weak regularization, each fit warm-started from the previous ones
                 starts = [theta] if theta is not None else []
@@ -261,14 +260,12 @@ class LinearProbe(Head):
                 theta, n_iter = self._solve(Z_tr, y_tr, classes, C, starts, warn=False)
                 path.append((C, theta))
                 pred = (Z_va @ theta.T).argmax(dim=1).cpu().numpy()
-                acc = accuracy(pred, y_va)
-                val_score = acc if self.scoring == "accuracy" else balanced_accuracy(pred, y_va)
-                self.sweep_.append({"C": C, "val_accuracy": acc, "val_score": val_score, "n_iter": n_iter})
-                if best is None or val_score > best[0]:  # strict: ties keep the smaller C
-                    best = (val_score, C, theta)
-            assert best is not None
-            self.best_C_, theta = best[1], best[2]
-            self.n_iter_ = next(s["n_iter"] for s in self.sweep_ if s["C"] == self.best_C_)
+                acc, score = val_score(pred, y_va, self.scoring)
+                self.sweep_.append({"C": C, "val_accuracy": acc, "val_score": score, "n_iter": n_iter})
+            best = best_on_grid([s["val_score"] for s in self.sweep_])  # ties keep the smaller C
+            self.best_C_, theta = path[best]
+            self.n_iter_ = self.sweep_[best]["n_iter"]
+            y_fit = y_tr
             if self.refit:
                 Z_fit = torch.cat([Z_tr, Z_va]) if X_val is not None else Z_all
                 y_fit = np.concatenate([y_tr, y_va]) if X_val is not None else y_idx
@@ -277,21 +274,13 @@ class LinearProbe(Head):
         W = theta[:, :-1].double().cpu().numpy()
         b = theta[:, -1].double().cpu().numpy()
         self.classes_ = classes
+        self.fit_counts_ = class_counts(y_fit, len(classes))
         self.n_features_in_ = X.shape[1]
         self.mean_, self.scale_ = mean, scale
         self.coef_ = W / scale  # fold the standardization into the weights: raw features in, same logits out
         self.intercept_ = b - self.coef_ @ mean
         self.fit_seconds_ = time.perf_counter() - t0
         return self
-
-    def _grid(self) -> list[float]:
-        try:
-            Cs = sorted(float(c) for c in np.atleast_1d(np.asarray(self.Cs, dtype=np.float64)))
-        except (TypeError, ValueError):
-            raise EncoderlabError(f"Cs={self.Cs!r} is not a list of numbers", "e.g. Cs=[0.01, 0.1, 1, 10]") from None
-        if not Cs or not all(np.isfinite(c) and c > 0 for c in Cs):
-            raise EncoderlabError(f"Cs={self.Cs!r} must be positive finite numbers", "e.g. Cs=[0.01, 0.1, 1, 10]")
-        return Cs
 
     def _solve(self, Z: torch.Tensor, y_idx: np.ndarray, classes: np.ndarray, C: float, starts: list[torch.Tensor],
                warn: bool = True) -> tuple[torch.Tensor, int]:

@@ -19,16 +19,22 @@ import numpy as np
 import torch
 
 from ..errors import EncoderlabError
+from ..normalize import normalize_rows
 from ._base import (
+    MIN_VAL_ITEMS,
     Head,
-    accuracy,
     as_features,
     as_labels,
-    balanced_accuracy,
+    best_on_grid,
     carve_val,
+    check_scoring,
+    check_val_pair,
+    class_counts,
     encode_labels,
     index_labels,
-    l2_normalize,
+    number_grid,
+    val_arrays,
+    val_score,
 )
 
 #: default alpha grid: 0 (pure zero-shot, so tuning can reject an unhelpful cache) to 5 in steps of 0.25
@@ -37,31 +43,42 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.linspace(0.0, 5.0
 DEFAULT_BETAS: tuple[float, ...] = tuple(float(b) for b in np.linspace(0.5, 10.0, 20))
 #: the paper's defaults, used when there is no validation data to tune on
 PAPER_ALPHA, PAPER_BETA = 1.0, 5.5
-MIN_VAL_ITEMS = 5
 
 
 class TipAdapter(Head):
     """Zero-shot logits plus a cache of labelled few-shot features; alpha and beta tuned on validation data.
 
+    A meta-estimator: it wraps the zero-shot classifier it is built with and ``fit(X, y, X_val, y_val)`` only
+    builds the cache and tunes.
+
     Parameters
     ----------
+    zero_shot: the zero-shot classifier — a fitted :class:`~encoderlab.heads.zeroshot.ZeroShotClassifier` (its
+        ``classes_`` name the rows, its ``logit_scale`` is used unless ``logit_scale`` is given), or an array of
+        class embeddings [n_classes, d] whose rows follow ``classes`` (default: the sorted unique labels of ``y``).
+    classes: names of the rows of an array ``zero_shot`` (any order; ``classes_`` is their sorted version).
     alphas, betas: grids searched on validation data (:data:`DEFAULT_ALPHAS`, :data:`DEFAULT_BETAS`).
-    logit_scale: multiplier of the zero-shot cosine logits (100, CLIP's learned temperature).
+    logit_scale: multiplier of the zero-shot cosine logits (default: the classifier's, else 100, CLIP's).
     val_fraction, seed: when ``fit`` gets no ``X_val``, a stratified share of ``X`` is carved off for tuning
-        (the same carve as :class:`~encoderlab.heads.linear.LinearProbe`); with fewer than 5 carvable items
-        (e.g. one shot per class) the paper's defaults alpha=1, beta=5.5 are used and ``sweep_`` is empty.
+        (the same carve as :class:`~encoderlab.heads.linear.LinearProbe`); with fewer than
+        :data:`~encoderlab.heads._base.MIN_VAL_ITEMS` carvable items (e.g. one shot per class) the paper's
+        defaults alpha=1, beta=5.5 are used and ``sweep_`` is empty.
     scoring: validation metric, ``"accuracy"`` or ``"balanced_accuracy"``; ties go to the smaller alpha, then the
         smaller beta (the head closest to zero-shot).
     chunk_size, device: queries per affinity block, torch device.
     refit: after tuning, the cache holds train+val (carved or given); else the training part only.
 
     Attributes: ``classes_``, ``best_alpha_``, ``best_beta_``, ``sweep_`` (one dict per (alpha, beta):
-    ``alpha``, ``beta``, ``val_accuracy``, ``val_score``), ``cache_size_``, ``n_features_in_``.
+    ``alpha``, ``beta``, ``val_accuracy``, ``val_score``), ``cache_size_``, ``fit_counts_``, ``n_features_in_``.
     """
 
-    def __init__(self, alphas: Sequence[float] = DEFAULT_ALPHAS, betas: Sequence[float] = DEFAULT_BETAS,
-                 logit_scale: float = 100.0, val_fraction: float = 0.2, seed: int = 0, scoring: str = "accuracy",
-                 chunk_size: int = 4096, device: str | torch.device = "cpu", refit: bool = True) -> None:
+    def __init__(self, zero_shot: Any, *, classes: Sequence[Any] | None = None,
+                 alphas: Sequence[float] = DEFAULT_ALPHAS, betas: Sequence[float] = DEFAULT_BETAS,
+                 logit_scale: float | None = None, val_fraction: float = 0.2, seed: int = 0,
+                 scoring: str = "accuracy", chunk_size: int = 4096, device: str | torch.device = "cpu",
+                 refit: bool = True) -> None:
+        self.zero_shot = zero_shot
+        self.classes = classes
         self.alphas = alphas
         self.betas = betas
         self.logit_scale = logit_scale
@@ -72,45 +89,55 @@ class TipAdapter(Head):
         self.device = device
         self.refit = refit
 
-    def fit(self, X: Any, y: Any, class_embeddings: Any, X_val: Any = None, y_val: Any = None,
-            classes: Sequence[Any] | None = None) -> TipAdapter:
-        """Build the cache from ``(X, y)`` and tune alpha, beta.
-
-        ``class_embeddings`` is the zero-shot classifier, [n_classes, d]: row i embeds ``classes_[i]``, i.e. the
-        rows follow the sorted unique labels of ``y``. When the zero-shot classifier covers classes with no
-        cached item, name its rows with ``classes`` (any order; ``classes_`` is their sorted version).
-        """
-        X = as_features(X)
-        W = as_features(class_embeddings, "class_embeddings", X.shape[1])
-        y_arr = as_labels(y, X.shape[0])
-        if classes is None:
+    def _classifier(self, y_arr: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """``(classes_, y index, class embeddings in classes_ order, logit scale)`` from the zero-shot part."""
+        zs = self.zero_shot
+        scale = self.logit_scale
+        names: Sequence[Any] | None = self.classes
+        if hasattr(zs, "class_embeddings_"):  # a fitted ZeroShotClassifier
+            W = as_features(zs.class_embeddings_, "zero_shot.class_embeddings_", d)
+            names = list(zs.classes_)
+            if scale is None and getattr(zs, "logit_scale", None) is not None:
+                scale = float(zs.logit_scale)
+        elif hasattr(zs, "fit") and hasattr(zs, "decision_function"):
+            raise EncoderlabError("the zero-shot classifier given to TipAdapter is not fitted",
+                                  "fit it on the prompt embeddings first")
+        else:
+            W = as_features(zs, "zero_shot", d)
+        if names is None:
             classes_, y_idx = encode_labels(y_arr)
             order = np.arange(len(classes_))
         else:
-            names = as_labels(list(classes), len(classes), "classes")
-            classes_, order = encode_labels(names, "classes")
-            if len(classes_) != len(names):
-                raise EncoderlabError("classes has repeated labels", "name each row of class_embeddings once")
-            order = np.argsort(order, kind="stable")  # row of class_embeddings for each sorted class
+            labels = as_labels(list(names), len(names), "classes")
+            classes_, order = encode_labels(labels, "classes")
+            if len(classes_) != len(labels):
+                raise EncoderlabError("classes has repeated labels", "name each row of the zero-shot classifier once")
+            order = np.argsort(order, kind="stable")  # row of W for each sorted class
             y_idx = index_labels(y_arr, classes_, "y")
         if W.shape[0] != len(classes_):
-            raise EncoderlabError(f"class_embeddings has {W.shape[0]} rows for {len(classes_)} classes",
+            raise EncoderlabError(f"the zero-shot classifier has {W.shape[0]} rows for {len(classes_)} classes",
                                   "pass one row per class, in the order of the sorted labels (or pass classes=)")
-        if self.scoring not in ("accuracy", "balanced_accuracy"):
-            raise EncoderlabError(f"scoring={self.scoring!r} is not supported", 'use "accuracy" or "balanced_accuracy"')
-        if (X_val is None) != (y_val is None):
-            raise EncoderlabError("X_val and y_val must be given together", "pass both or neither")
-        alphas, betas = self._grid(self.alphas, "alphas"), self._grid(self.betas, "betas")
+        return classes_, y_idx, W[order], float(100.0 if scale is None else scale)
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> TipAdapter:
+        """Build the cache from ``(X, y)`` and tune alpha, beta on ``(X_val, y_val)`` (or a carve of ``X``)."""
+        X = as_features(X)
+        y_arr = as_labels(y, X.shape[0])
+        classes_, y_idx, W, scale = self._classifier(y_arr, X.shape[1])
+        check_scoring(self.scoring)
+        has_val = check_val_pair(X_val, y_val)
+        alphas = number_grid(self.alphas, "alphas")
+        betas = number_grid(self.betas, "betas")
 
         dev = torch.device(self.device)
         self.classes_ = classes_
         self.n_features_in_ = X.shape[1]
-        self._text = l2_normalize(torch.from_numpy(W[order]).to(dev))
-        keys = l2_normalize(torch.from_numpy(X).to(dev))
-        if X_val is not None:
-            Xv = as_features(X_val, "X_val", X.shape[1])
-            yv = index_labels(as_labels(y_val, Xv.shape[0], "y_val"), classes_)
-            tr, q_val = np.arange(len(y_idx)), l2_normalize(torch.from_numpy(Xv).to(dev))
+        self.logit_scale_ = scale
+        self._text = normalize_rows(torch.from_numpy(W).to(dev))
+        keys = normalize_rows(torch.from_numpy(X).to(dev))
+        if has_val:
+            Xv, yv = val_arrays(X_val, y_val, classes_, X.shape[1])
+            tr, q_val = np.arange(len(y_idx)), normalize_rows(torch.from_numpy(Xv).to(dev))
             k_all, y_all = torch.cat([keys, q_val]), np.concatenate([y_idx, yv])
         else:
             tr, va = carve_val(y_idx, float(self.val_fraction), int(self.seed))
@@ -131,56 +158,42 @@ class TipAdapter(Head):
             self._set_cache(keys[tr], y_idx[tr])
         return self
 
-    @staticmethod
-    def _grid(values: Sequence[float], name: str) -> list[float]:
-        try:
-            grid = sorted(float(v) for v in np.atleast_1d(np.asarray(values, dtype=np.float64)))
-        except (TypeError, ValueError):
-            raise EncoderlabError(f"{name}={values!r} is not a list of numbers", f"e.g. {name}=[0.5, 1, 2]") from None
-        if not grid or not all(np.isfinite(v) and v >= 0 for v in grid):
-            raise EncoderlabError(f"{name}={values!r} must be finite numbers >= 0", f"e.g. {name}=[0.5, 1, 2]")
-        return grid
-
     def _set_cache(self, keys: torch.Tensor, y_idx: np.ndarray) -> None:
         self._keys = keys
         self._values = torch.nn.functional.one_hot(torch.as_tensor(y_idx, device=keys.device),
                                                    len(self.classes_)).to(keys.dtype)
         self.cache_size_ = int(keys.shape[0])
+        self.fit_counts_ = class_counts(y_idx, len(self.classes_))
 
     def _search(self, q: torch.Tensor, y: np.ndarray, alphas: list[float], betas: list[float]) -> tuple[float, float]:
         """Grid search; returns (alpha, beta) with the best validation score, ties to smaller alpha then beta."""
-        preds = np.empty((len(betas), len(alphas), q.shape[0]), dtype=np.int64)
+        preds = np.empty((len(alphas), len(betas), q.shape[0]), dtype=np.int64)
         step = int(self.chunk_size)
         for start in range(0, q.shape[0], step):  # chunks bound the [queries, cache] affinity memory
             qc = q[start : start + step]
-            zero_shot = float(self.logit_scale) * (qc @ self._text.T)
+            zero_shot = self.logit_scale_ * (qc @ self._text.T)
             dist = 1.0 - qc @ self._keys.T  # computed once per chunk, reused for every beta
-            for i, beta in enumerate(betas):
+            for j, beta in enumerate(betas):
                 cache = torch.exp(-beta * dist) @ self._values  # one affinity matrix per beta serves every alpha
-                for j, alpha in enumerate(alphas):
+                for i, alpha in enumerate(alphas):
                     preds[i, j, start : start + step] = (zero_shot + alpha * cache).argmax(dim=1).cpu().numpy()
-        best: tuple[float, float, float] | None = None
-        for i, beta in enumerate(betas):
-            for j, alpha in enumerate(alphas):
-                acc = accuracy(preds[i, j], y)
-                score = acc if self.scoring == "accuracy" else balanced_accuracy(preds[i, j], y)
+        for i, alpha in enumerate(alphas):  # alpha-major, both ascending: ties keep the head closest to zero-shot
+            for j, beta in enumerate(betas):
+                acc, score = val_score(preds[i, j], y, self.scoring)
                 self.sweep_.append({"alpha": alpha, "beta": beta, "val_accuracy": acc, "val_score": score})
-                key = (score, -alpha, -beta)
-                if best is None or key > best:
-                    best = key
-        assert best is not None
-        return -best[1], -best[2]
+        best = self.sweep_[best_on_grid([s["val_score"] for s in self.sweep_])]
+        return best["alpha"], best["beta"]
 
     def decision_function(self, X: Any, alpha: float | None = None, beta: float | None = None) -> np.ndarray:
         """Logits [n, n_classes] with the tuned (or the given) alpha and beta."""
         self._check_fitted()
         alpha = self.best_alpha_ if alpha is None else float(alpha)
         beta = self.best_beta_ if beta is None else float(beta)
-        Q = l2_normalize(torch.from_numpy(as_features(X, "X", self.n_features_in_)).to(self._keys.device))
+        Q = normalize_rows(torch.from_numpy(as_features(X, "X", self.n_features_in_)).to(self._keys.device))
         out = []
         for start in range(0, Q.shape[0], int(self.chunk_size)):
             q = Q[start : start + int(self.chunk_size)]
-            logits = float(self.logit_scale) * (q @ self._text.T)
+            logits = self.logit_scale_ * (q @ self._text.T)
             if alpha != 0.0:
                 logits += alpha * (torch.exp(-beta * (1.0 - q @ self._keys.T)) @ self._values)
             out.append(logits)
@@ -189,7 +202,3 @@ class TipAdapter(Head):
     def predict_proba(self, X: Any) -> np.ndarray:
         """Softmax of the logits; rows sum to 1."""
         return torch.softmax(torch.from_numpy(self.decision_function(X)), dim=1).numpy()
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Argmax of the logits (not of the softmax, which can round two large logits to equal probabilities)."""
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]

@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import EncoderlabError
+from ..normalize import normalize_rows
+from ._base import Head, class_counts
+
+SCORE_KINDS = ("softmax", "sigmoid", "cosine")
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -22,11 +26,7 @@ def _as_array(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def _normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
-
-
-class ZeroShotClassifier:
+class ZeroShotClassifier(Head):
     """Nearest class prompt in the joint embedding space.
 
     Args:
@@ -34,8 +34,10 @@ class ZeroShotClassifier:
         logit_scale: the model's temperature (already exponentiated); only changes probabilities, never the argmax.
         logit_bias: SigLIP's learned bias, used with score_kind="sigmoid".
 
-    ``fit(prompt_embeddings, classes)`` takes the text embeddings of the class prompts, shaped
-    ``[n_classes, n_templates, dim]`` (or ``[n_classes, dim]`` for one template), in the order of ``classes``.
+    ``fit(X, y)`` follows the head contract with ``X`` = the text embeddings of the class prompts, shaped
+    ``[n_classes, n_templates, dim]`` (or ``[n_classes, dim]`` for one template), and ``y`` = the class each row
+    of ``X`` embeds, in that order. No labelled image is used (``fit_counts_`` is all zeros); validation data, when
+    given, is not used either: templates are chosen by the caller (see ``--compare-templates``).
     """
 
     def __init__(self, score_kind: str = "softmax", logit_scale: float | None = 100.0,
@@ -44,8 +46,9 @@ class ZeroShotClassifier:
         self.logit_scale = logit_scale
         self.logit_bias = logit_bias
 
-    def fit(self, prompt_embeddings: Any, classes: Sequence[Any]) -> ZeroShotClassifier:
-        emb = _as_array(prompt_embeddings)
+    def fit(self, X: Any, y: Sequence[Any], X_val: Any = None, y_val: Any = None) -> ZeroShotClassifier:
+        emb = _as_array(X)
+        classes = list(y)
         if emb.ndim == 2:
             emb = emb[:, None, :]
         if emb.ndim != 3 or emb.shape[0] != len(classes):
@@ -53,16 +56,20 @@ class ZeroShotClassifier:
                 f"prompt embeddings of shape {tuple(emb.shape)} do not match {len(classes)} classes",
                 "pass [n_classes, n_templates, dim] in class order",
             )
-        if self.score_kind not in ("softmax", "sigmoid", "cosine"):
-            raise EncoderlabError(f"unknown score_kind {self.score_kind!r}", "use softmax, sigmoid or cosine")
-        self.classes_ = np.asarray(list(classes), dtype=object)
+        if self.score_kind not in SCORE_KINDS:
+            raise EncoderlabError(f"unknown score_kind {self.score_kind!r}", f"use one of {', '.join(SCORE_KINDS)}")
+        self.classes_ = np.asarray(classes, dtype=object) if not all(isinstance(c, (int, np.integer))
+                                                                    for c in classes) else np.asarray(classes)
         self.n_templates_ = emb.shape[1]
-        self.class_embeddings_ = _normalize(_normalize(emb).mean(axis=1))
+        # CLIP's ensemble: the re-normalized mean of the normalized prompt embeddings
+        self.class_embeddings_ = normalize_rows(normalize_rows(emb).mean(axis=1))
+        self.fit_counts_ = class_counts(np.zeros(0, dtype=np.int64), len(classes))
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits ``[n, n_classes]``: scale * cosine (+ bias for sigmoid models)."""
-        x = _normalize(_as_array(X))
+        self._check_fitted()
+        x = normalize_rows(_as_array(X))
         if x.ndim != 2 or x.shape[1] != self.class_embeddings_.shape[1]:
             raise EncoderlabError(
                 f"features of shape {tuple(x.shape)} do not match class embeddings of dim {self.class_embeddings_.shape[1]}",
@@ -83,13 +90,3 @@ class ZeroShotClassifier:
         z = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
-
-    def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
-
-    def score(self, X: Any, y: Sequence[Any]) -> float:
-        return float(np.mean(self.predict(X) == np.asarray(y, dtype=object)))
-
-    @property
-    def n_trainable_params(self) -> int:
-        return 0

@@ -1,7 +1,9 @@
-"""The frozen rungs side by side: zero-shot, kNN, linear probe, Tip-Adapter (few-shot and full) and retrieval.
+"""The rungs side by side: every registered rung that can run on one encoder and dataset, on the same items.
 
-One ``Prepared`` object feeds every classification rung, so they share rows, splits and cached embeddings; each
-row of the table carries its interval, its cost, and a paired bootstrap against zero-shot on the same test items.
+One ``RungInputs`` feeds every rung, so they share rows, splits (a validation part carved once when the data has
+none) and cached embeddings; each classification row carries its interval, its cost, and a paired bootstrap
+against zero-shot on the same test items. The comparison is itself a ``RunResult`` (task "compare") whose run
+directory holds one sub-directory per rung.
 """
 
 from __future__ import annotations
@@ -11,39 +13,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..data.manifest import Dataset
 from ..encoders.base import Encoder
 from ..errors import EncoderlabError
+from ..extract.labelled import validation_note
 from ..metrics.bootstrap import paired_bootstrap
+from ..results import RunResult, data_provenance, format_comparison, write_run
+from ..rungs import RungInputs, RungOptions, create_rung, encoder_cost, list_rungs
 from ..store import EmbeddingStore
-from .classify import encoder_cost, run_probe, run_zeroshot
-from .prepare import prepare
-from .retrieve import run_retrieval
-from .runs import RunResult, write_run
 
-RUNGS = ("zeroshot", "knn", "linear", "tip", "retrieval")
+#: the rungs ``compare`` runs by default: every registered frozen or shallow rung (levels 1-2)
+DEFAULT_MAX_LEVEL = 2
 
 
 @dataclass
 class Comparison:
+    """Per-rung results, the comparison rows, what was skipped and why, as one ``RunResult`` (``result``)."""
+
     results: dict[str, RunResult]
     rows: list[dict[str, Any]]
-    retrieval: RunResult | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    result: RunResult | None = None
+
+    @property
+    def retrieval(self) -> RunResult | None:
+        return next((r for name, r in self.results.items() if create_rung(name).task == "retrieval"), None)
 
     def to_json(self) -> dict[str, Any]:
-        metrics: dict[str, Any] = {}
-        costs: dict[str, Any] = {}
-        for name, r in self.results.items():
-            saved = r.to_json()
-            metrics.update({f"{name}/{k}": v for k, v in saved["metrics"].items()})
-            costs.update({f"{name}/{k}": v for k, v in saved["costs"].items()})
-        first = next(iter(self.results.values()))
-        return {"task": "compare", "metrics": metrics, "costs": costs, "table": self.rows,
-                "config": {name: r.config for name, r in self.results.items()}, "data": first.data,
-                "skipped_rungs": self.skipped}
+        assert self.result is not None
+        return self.result.to_json()
+
+    def format(self) -> str:
+        notes = (self.result.config.get("notes", []) if self.result is not None else [])
+        retrieval = self.retrieval.metrics if self.retrieval is not None else None
+        return format_comparison(self.rows, retrieval, self.skipped, notes)
+
+
+def default_rungs() -> list[str]:
+    return [r for r in list_rungs() if create_rung(r).level <= DEFAULT_MAX_LEVEL]
 
 
 def run_comparison(
@@ -51,7 +58,7 @@ def run_comparison(
     dataset: Dataset,
     store: EmbeddingStore,
     *,
-    rungs: Sequence[str] = RUNGS,
+    rungs: Sequence[str] | None = None,
     shots: Sequence[int] = (1, 4, 16),
     seeds: int = 3,
     templates: str | Sequence[str] = "clip80",
@@ -62,71 +69,70 @@ def run_comparison(
     out_dir: str | Path | None = None,
     probe_features: str = "auto",
 ) -> Comparison:
-    """Run the chosen rungs on one dataset and encoder; write each rung's run directory under ``out_dir``.
+    """Run the chosen rungs (default: every frozen and shallow rung) and write each one's run directory.
 
-    ``probe_features``: which frozen features kNN and the linear probe read. For an encoder built on another one's
-    features (an aligned pair of towers), "auto" means the image tower's own features, which the projection head
-    can only lose information from; "joint" forces the joint embedding space. Tip-Adapter always works in the joint
-    space, since it mixes image affinities with the zero-shot text classifier.
+    ``probe_features``: which frozen features head rungs that allow it (kNN, linear) read. For an encoder built on
+    another one's features (an aligned pair of towers), "auto" means the tower's own features, which the
+    projection head can only lose information from; "joint" forces the joint space. Tip-Adapter always works in
+    the joint space, since it mixes image affinities with the zero-shot text classifier.
     """
-    if probe_features not in ("auto", "joint", "tower"):
-        raise EncoderlabError(f"unknown probe_features {probe_features!r}", "use auto, joint or tower")
-    unknown = [r for r in rungs if r not in RUNGS]
-    if unknown:
-        raise EncoderlabError(f"unknown rung {unknown[0]!r}", f"choose from {', '.join(RUNGS)}")
-    dual = "image" in encoder.modalities and "text" in encoder.modalities
-    skipped = {r: "needs a dual encoder (image and text towers)" for r in rungs
-               if r in ("zeroshot", "tip", "retrieval") and not dual}
-    prep = prepare(encoder, dataset, store, progress=progress)
-    enc_ms = encoder_cost(encoder, prep, "test", None)
+    names = list(default_rungs() if rungs is None else rungs)
+    chosen = [create_rung(n) for n in names]  # unknown names fail here, with close matches
+    if not chosen:
+        raise EncoderlabError("no rung to run", f"choose from {', '.join(list_rungs())}")
+    inputs = RungInputs(encoder, dataset, store, probe_features=probe_features, progress=progress)
+    skipped = {r.name: why for r in chosen if (why := r.unmet(encoder, inputs.dataset)) is not None}
+    runnable = [r for r in chosen if r.name not in skipped]
+    options = RungOptions(shots=shots, seeds=seeds, templates=templates, class_names=class_names, n_boot=n_boot,
+                          seed=seed, progress=progress)
+    if any(r.task == "classification" for r in runnable):
+        options.encoder_ms = encoder_cost(encoder, inputs.labelled(), "test", None)
     results: dict[str, RunResult] = {}
-    common: dict[str, Any] = {"n_boot": n_boot, "seed": seed, "encoder_ms": enc_ms}
-    if "zeroshot" in rungs and dual:
-        results["zeroshot"] = run_zeroshot(encoder, prep, store, templates=templates, class_names=class_names, **common)
-    source = encoder.feature_source(prep.modality)  # type: ignore[arg-type]
-    probe_encoder, probe_prep = encoder, prep
-    if source is not None and probe_features in ("auto", "tower"):
-        probe_encoder = source[0]
-        probe_prep = prepare(probe_encoder, dataset, store, modality=prep.modality, progress=progress)
-        if not np.array_equal(probe_prep.ids, prep.ids):  # paired comparisons need the very same test items
-            raise EncoderlabError("tower and joint features cover different items", "run with probe_features='joint'")
-    elif probe_features == "tower":
-        raise EncoderlabError(f"{encoder.spec!r} is not built on another encoder's features",
-                              "use probe_features='auto' or 'joint'")
-    for method in ("knn", "linear", "tip"):
-        if method in rungs and method not in skipped:
-            enc, pp = (encoder, prep) if method == "tip" else (probe_encoder, probe_prep)
-            results[method] = run_probe(enc, pp, store, method=method, shots=shots, seeds=seeds,
-                                        templates=templates, class_names=class_names, **common)
-            results[method].config["features"] = "tower" if enc is not encoder else "joint"
-    retrieval = None
-    if "retrieval" in rungs and dual:
-        if dataset.has_texts:
-            retrieval = run_retrieval(encoder, dataset, store, split="test", progress=progress, **common)
-            results["retrieval"] = retrieval
-        else:
-            skipped["retrieval"] = "the dataset has no captions"
+    for rung in sorted(runnable, key=lambda r: (r.level, r.rank, r.name)):
+        results[rung.name] = rung.run(inputs, options)
+    rows = comparison_rows(results)
+    notes = [n for n in [validation_note(inputs.dataset.split_info)] if n]
+    comp = Comparison(results, rows, skipped)
+    comp.result = comparison_result(encoder, inputs.dataset, comp, names, options, probe_features, notes)
     if out_dir is not None:
         for name, r in results.items():
             write_run(r, Path(out_dir) / name)
-    return Comparison(results, comparison_rows(results), retrieval, skipped)
+        write_run(comp.result, out_dir)
+    return comp
+
+
+def comparison_result(encoder: Encoder, dataset: Dataset, comp: Comparison, asked: list[str], options: RungOptions,
+                      probe_features: str, notes: list[str]) -> RunResult:
+    """The comparison as one result: metrics and costs as ``rung/name``, the table rows, the rungs' configs."""
+    metrics: dict[str, Any] = {}
+    costs: dict[str, Any] = {}
+    for name, r in comp.results.items():
+        saved = r.to_json()
+        metrics.update({f"{name}/{k}": v for k, v in saved["metrics"].items()})
+        costs.update({f"{name}/{k}": v for k, v in saved["costs"].items()})
+    config = {"encoder": encoder.spec, "rungs": asked, "shots": list(options.shots), "seeds": options.seeds,
+              "templates": options.templates if isinstance(options.templates, str) else "list",
+              "n_boot": options.n_boot, "seed": options.seed, "probe_features": probe_features,
+              "per_rung": {name: r.config for name, r in comp.results.items()}, "notes": notes}
+    primary = next((f"{n}/{r.primary}" for n, r in comp.results.items()), "")
+    return RunResult("compare", metrics, costs, config, data_provenance(dataset), primary=primary,
+                     extra={"table": comp.rows, "skipped_rungs": comp.skipped, "rung_dirs": list(comp.results)})
 
 
 def comparison_rows(results: Mapping[str, RunResult]) -> list[dict[str, Any]]:
-    """One row per (rung, setting) with top-1 and its interval, std over seeds, Δ vs zero-shot (paired), costs."""
+    """One row per (classification rung, setting): top-1 and interval, std over seeds, Δ vs zero-shot, costs."""
     base = results.get("zeroshot")
     base_items = base.per_item.get("zeroshot") if base is not None else None
     rows: list[dict[str, Any]] = []
     for name, r in results.items():
-        if name == "retrieval":
+        if create_rung(name).task != "classification":
             continue
         m, c = r.metrics, r.costs
-        settings = ["zeroshot"] if name == "zeroshot" else list(r.per_item)
-        for setting in settings:
+        for setting in r.per_item:
             prefix = "" if setting in ("zeroshot", "full") else f"{setting}/"
             row: dict[str, Any] = {
                 "rung": name,
-                "setting": "templates" if name == "zeroshot" else setting,
+                "setting": "templates" if setting == "zeroshot" else setting,
                 "features": r.config.get("features", "joint"),
                 "top1": m.get(f"{prefix}top1"),
                 "top1_std": m.get(f"{prefix}top1_std"),
@@ -140,57 +146,9 @@ def comparison_rows(results: Mapping[str, RunResult]) -> list[dict[str, Any]]:
                 "trainable_params": c.get("trainable_params"),
             }
             items = r.per_item.get(setting)
-            if base_items is not None and items is not None and name != "zeroshot":
+            if base_items is not None and items is not None and r is not base:
                 test = paired_bootstrap(items, base_items, seed=0)
                 row.update(delta_vs_zeroshot=test["diff"], delta_ci_low=test["ci_low"],
                            delta_ci_high=test["ci_high"], delta_p_value=test["p_value"])
             rows.append(row)
     return rows
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def format_comparison(comp: Comparison) -> str:
-    """The comparison as text tables: classification rungs, then retrieval."""
-    header = ["rung", "setting", "features", "top-1 [95% CI]", "± std", "bal. acc", "macro-F1", "Δ vs zero-shot (p)",
-              "fit s", "ms/item head", "ms/item +encoder", "params"]
-    lines = []
-    for r in comp.rows:
-        ci = f"{_fmt(r['top1'])} [{_fmt(r['top1_ci_low'])}, {_fmt(r['top1_ci_high'])}]"
-        delta = "-"
-        if r.get("delta_vs_zeroshot") is not None:
-            delta = f"{r['delta_vs_zeroshot']:+.3f} (p={r['delta_p_value']:.3f})"
-        lines.append([r["rung"], r["setting"], r["features"], ci, _fmt(r["top1_std"]), _fmt(r["balanced_accuracy"]),
-                      _fmt(r["macro_f1"]), delta, _fmt(r["fit_seconds"], 2), _fmt(r["predict_ms_per_item"], 4),
-                      _fmt(r["predict_ms_per_item_with_encoder"], 2), _fmt(r["trainable_params"])])
-    out = [_table(lines, header)]
-    if comp.retrieval is not None:
-        m = comp.retrieval.metrics
-        rrows = []
-        for d in ("i2t", "t2i"):
-            rrows.append([d] + [f"{_fmt(m[f'{d}_R@{k}'])} [{_fmt(m[f'{d}_R@{k}_ci_low'])}, "
-                                f"{_fmt(m[f'{d}_R@{k}_ci_high'])}]" for k in (1, 5, 10)]
-                         + [_fmt(m[f"{d}_mrr"]), _fmt(m[f"{d}_median_rank"], 1), _fmt(m[f"{d}_chance_R@1"], 4),
-                            str(m[f"{d}_queries"])])
-        out.append(_table(rrows, ["retrieval", "R@1 [95% CI]", "R@5", "R@10", "MRR", "median rank", "chance R@1",
-                                  "queries"]))
-    for rung, why in comp.skipped.items():
-        out.append(f"skipped {rung}: {why}")
-    return "\n\n".join(out)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    cells = [header] + rows
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = []
-    for j, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)

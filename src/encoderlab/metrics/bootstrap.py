@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import EncoderlabError
-from .classification import as_labels, as_scores, f1_from_counts, top_k_rank
+from .classification import as_class_indices, as_scores, f1_from_counts, top_k_rank
 
 #: resample indices drawn per block (int64: 32 MiB), bounding memory for large n_items * n_boot
 _BLOCK_ELEMS = 1 << 22
@@ -192,7 +192,7 @@ def classification_intervals(y_true: np.ndarray | Sequence[int], scores: np.ndar
         raise EncoderlabError(f"scores has {scores.shape[1]} columns but n_classes={n_classes}",
                               "pass one score column per class")
     c = scores.shape[1] if scores.ndim == 2 else n_classes
-    y = as_labels(y_true, "y_true", c)
+    y = as_class_indices(y_true, "y_true", c)
     scores = as_scores(scores, y.size)
     rank = top_k_rank(y, scores)
     pred = scores.argmax(axis=1)

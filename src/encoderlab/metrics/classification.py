@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import EncoderlabError
 
 
-def as_labels(y: np.ndarray | Sequence[int], name: str, n_classes: int | None = None) -> np.ndarray:
+def as_class_indices(y: np.ndarray | Sequence[int], name: str, n_classes: int | None = None) -> np.ndarray:
     """``y`` as a 1-D int64 array, refusing empty input, non-integer values and labels outside ``[0, n_classes)``.
 
     Floats holding whole numbers are accepted because labels often round-trip through pandas as float64;
@@ -66,8 +66,8 @@ def as_scores(scores: np.ndarray, n_items: int) -> np.ndarray:
 def _pair(y_true: np.ndarray | Sequence[int], y_pred: np.ndarray | Sequence[int],
           n_classes: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """Validated (y_true, y_pred, n_classes); n_classes defaults to the largest label seen + 1."""
-    t = as_labels(y_true, "y_true", n_classes)
-    p = as_labels(y_pred, "y_pred", n_classes)
+    t = as_class_indices(y_true, "y_true", n_classes)
+    p = as_class_indices(y_pred, "y_pred", n_classes)
     if t.shape != p.shape:
         raise EncoderlabError(f"y_true has {t.size} labels but y_pred has {p.size}",
                               "pass the true and predicted labels of the same items")
@@ -85,7 +85,7 @@ def top_k_rank(y_true: np.ndarray | Sequence[int], scores: np.ndarray) -> np.nda
     give, so ``rank == 0`` is exactly "argmax is correct" and a constant scorer is not rewarded for ties.
     """
     scores = np.asarray(scores)
-    y = as_labels(y_true, "y_true", scores.shape[1] if scores.ndim == 2 else None)
+    y = as_class_indices(y_true, "y_true", scores.shape[1] if scores.ndim == 2 else None)
     scores = as_scores(scores, y.size)
     true_score = scores[np.arange(y.size), y][:, None]
     before = scores > true_score
@@ -170,7 +170,7 @@ def classification_metrics(y_true: np.ndarray | Sequence[int], scores: np.ndarra
     if len(set(names)) != len(names):
         raise EncoderlabError("class_names holds duplicates", "give every class a distinct name")
     c = len(names)
-    y = as_labels(y_true, "y_true", c)
+    y = as_class_indices(y_true, "y_true", c)
     scores = as_scores(scores, y.size)
     rank = top_k_rank(y, scores)
     pred = scores.argmax(axis=1)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import EncoderlabError
+from ..normalize import normalize_rows
 
 #: gallery items scored per block; keeps a block of 1024 queries at <= 128 MiB of float32 scores
 GALLERY_CHUNK = 32768
@@ -40,7 +41,7 @@ def _normalized(emb: np.ndarray, name: str) -> np.ndarray:
         bad = int(np.flatnonzero(norms[:, 0] == 0)[0])
         raise EncoderlabError(f"{name} row {bad} is all zeros, so its cosine similarity is undefined",
                               "drop the item or fix the encoder output")
-    return arr / norms
+    return normalize_rows(arr)
 
 
 def _indices(idx: np.ndarray | Sequence[int], name: str, n: int, what: str) -> np.ndarray:

@@ -41,7 +41,7 @@ import numpy as np
 from ..atomic import atomic_open
 from ..errors import CorruptStoreError, EncoderlabError
 from . import shards as _shards
-from .index import KeyIndex, encode_query, key_list, load_cache, save_cache
+from .key_index import KeyIndex, encode_query, key_list, load_cache, save_cache
 from .shards import ShardRecord
 from .writer import ShardWriter
 
@@ -247,7 +247,23 @@ class EmbeddingSpace:
             self._read_index(full=self._index is None)
             self._maps.clear()
 
-    def _register(self, rec: ShardRecord, keys: np.ndarray) -> None:
+    def lookup(self, encoded_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(shard position, row)`` of each bytes key (``encode_query``); shard -1 where the key is absent."""
+        return self._load().lookup(encoded_keys)
+
+    def last_shard_seq(self) -> int:
+        """Sequence number of the newest committed shard (-1 when empty): new shards are numbered after it."""
+        idx = self._load()
+        return max((_shards.shard_seq(s.name) for s in idx.shards[-1:]), default=-1)
+
+    def save_index_cache(self) -> None:
+        """Persist the consolidated key index when enough rows are not covered by the cache yet."""
+        with self._lock:
+            if self._index is not None:
+                self._maybe_save_cache()
+
+    def register_shard(self, rec: ShardRecord, keys: np.ndarray) -> None:
+        """Add a shard this process just committed to the in-memory index (no sidecar re-read)."""
         with self._lock:
             if self._index is None:
                 self._read_index(full=True)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import EncoderlabError
 from . import shards as _shards
-from .index import encode_query, widen
+from .key_index import encode_query, widen
 from .shards import ShardRecord
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class ShardWriter:
         if not keys:
             return 0
         enc = encode_query(keys)
-        shard, _ = self.space._load().lookup(enc)
+        shard, _ = self.space.lookup(enc)
         take = np.flatnonzero(shard < 0)
         if len(take):
             _, first = np.unique(enc[take], return_index=True)  # a key repeated within the batch: first row
@@ -116,9 +116,7 @@ class ShardWriter:
             return
         self._closed = True
         self.flush()
-        with self.space._lock:
-            if self.space._index is not None:
-                self.space._maybe_save_cache()
+        self.space.save_index_cache()
 
     def _commit(self, n: int) -> ShardRecord:
         rows = np.concatenate(self._rows) if len(self._rows) > 1 else self._rows[0]
@@ -128,8 +126,7 @@ class ShardWriter:
             self._cleaned = True
             self.space.clean_orphans()
         self.space.shards_dir.mkdir(parents=True, exist_ok=True)
-        idx = self.space._load()
-        known = max((_shards.shard_seq(s.name) for s in idx.shards[-1:]), default=-1)
+        known = self.space.last_shard_seq()
         for _ in range(5):
             self._seq = max(self._seq, known) + 1
             name = _shards.new_shard_name(self._seq)
@@ -140,7 +137,7 @@ class ShardWriter:
                 continue
         else:  # pragma: no cover - five random 32-bit collisions in a row
             raise EncoderlabError(f"could not pick a fresh shard name in {self.space.shards_dir}")
-        self.space._register(rec, enc[:n])
+        self.space.register_shard(rec, enc[:n])
         self._keys = self._keys[n:]
         self._rows = [rows[n:]] if n < len(rows) else []
         self._enc = [enc[n:]] if n < len(enc) else []

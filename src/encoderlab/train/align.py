@@ -39,7 +39,7 @@ from ..encoders.aligned import (
 )
 from ..encoders.base import Encoder, select_device
 from ..errors import EncoderlabError
-from ..features import caption_pairs, image_embeddings, text_embeddings
+from ..extract.embeddings import caption_pairs, image_embeddings, text_embeddings
 from ..metrics.retrieval import retrieval_metrics
 from ..store import EmbeddingStore
 from .losses import contrastive_targets, symmetric_infonce

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.images import load_image
-from .data.manifest import Dataset
-from .encoders.base import Encoder
-from .errors import BadImageError, EncoderlabError
-from .hashing import image_key, text_key
-from .store import EmbeddingStore
+from ..data.images import load_image
+from ..data.manifest import Dataset
+from ..encoders.base import Encoder, FeatureSource
+from ..errors import BadImageError, EncoderlabError
+from ..hashing import image_key, text_key
+from ..progress import progress_bar
+from ..store import EmbeddingStore
 
 
 @dataclass
@@ -128,21 +129,25 @@ def _threaded_batches(decode: _DecodeDataset, batch_size: int) -> Iterator[tuple
             yield _collate(list(pool.map(decode.__getitem__, range(start, min(start + batch_size, len(decode))))))
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for a CUDA/MPS/CPU allocator failure (torch raises RuntimeError with "out of memory" for most)."""
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def _encode_with_backoff(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Run ``encode``; on out-of-memory split the batch in halves (recursively) instead of failing the run."""
+def encode_with_backoff(encode: Callable[[Any], torch.Tensor], batch: Any) -> torch.Tensor:
+    """Run ``encode(batch)``; on out-of-memory split the batch (a tensor or a list) in halves, recursively.
+
+    A batch of one that still does not fit re-raises: there is nothing left to split.
+    """
     try:
-        return encode(x)
+        return encode(batch)
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-        if not _is_oom(e) or len(x) <= 1:
+        if not is_out_of_memory(e) or len(batch) <= 1:
             raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        half = len(x) // 2
-        return torch.cat([_encode_with_backoff(encode, x[:half]), _encode_with_backoff(encode, x[half:])])
+        half = len(batch) // 2
+        return torch.cat([encode_with_backoff(encode, batch[:half]), encode_with_backoff(encode, batch[half:])])
 
 
 def _hash_images(
@@ -165,7 +170,7 @@ def _hash_images(
         except OSError as e:
             return None, {"path": str(p), "reason": f"unreadable: {e.strerror or e}"}
 
-    with ThreadPoolExecutor(max_workers=workers) as pool, _progress(len(paths), "file", progress, "hash") as bar:
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(len(paths), "file", progress, "hash") as bar:
         results = []
         for r in pool.map(one, paths):
             results.append(r)
@@ -190,7 +195,7 @@ def extract_images(
     t0 = time.perf_counter()
     source = encoder.feature_source("image")
     if source is not None:
-        base = extract_images(source[0], dataset, store, batch_size=batch_size, num_workers=num_workers,
+        base = extract_images(source.base, dataset, store, batch_size=batch_size, num_workers=num_workers,
                               max_pixels=max_pixels, shard_size=shard_size, progress=progress, strict=strict)
         return _derive(encoder, "image", source, base, store, shard_size, t0)
     space = space_for(store, encoder, "image")
@@ -226,7 +231,7 @@ def extract_images(
         else:
             loader = _threaded_batches(decode, bs)
         failed: set[str] = set()
-        with space.writer(shard_size=shard_size) as writer, _progress(len(items), "img", progress) as bar:
+        with space.writer(shard_size=shard_size) as writer, progress_bar(len(items), "img", progress) as bar:
             for batch_keys, pixels, bad in loader:
                 for key, b in bad:
                     if strict:
@@ -234,7 +239,7 @@ def extract_images(
                     result.skipped.append(b)
                     failed.add(key)
                 if pixels is not None:
-                    emb = _encode_with_backoff(lambda x: encoder.encode_pixels(x), pixels)
+                    emb = encode_with_backoff(encoder.encode_pixels, pixels)
                     writer.add(batch_keys, emb.numpy().astype(np.float32, copy=False))
                     result.encoded += len(batch_keys)
                 bar.update(len(batch_keys) + len(bad))
@@ -265,7 +270,7 @@ def extract_texts(
     t0 = time.perf_counter()
     source = encoder.feature_source("text")
     if source is not None:
-        base = extract_texts(source[0], dataset, store, batch_size=batch_size, shard_size=shard_size, progress=progress)
+        base = extract_texts(source.base, dataset, store, batch_size=batch_size, shard_size=shard_size, progress=progress)
         if isinstance(dataset, Dataset):
             per_row = [list(t) if t is not None else [] for t in dataset.table["texts"]]
         else:
@@ -288,10 +293,10 @@ def extract_texts(
     if texts:
         bs = batch_size or default_batch_size(encoder, "text")
         texts.sort(key=len)  # similar lengths per batch: least padding
-        with space.writer(shard_size=shard_size) as writer, _progress(len(texts), "text", progress) as bar:
+        with space.writer(shard_size=shard_size) as writer, progress_bar(len(texts), "text", progress) as bar:
             for start in range(0, len(texts), bs):
                 chunk = texts[start : start + bs]
-                emb = _encode_text_with_backoff(encoder, chunk)
+                emb = encode_with_backoff(lambda b: encoder.encode_texts(b, batch_size=len(b)), chunk)
                 writer.add([key_of[t] for t in chunk], emb.numpy().astype(np.float32, copy=False))
                 result.encoded += len(chunk)
                 bar.update(len(chunk))
@@ -303,7 +308,7 @@ def extract_texts(
 def _derive(
     encoder: Encoder,
     modality: str,
-    source: tuple[Encoder, Callable[[torch.Tensor], torch.Tensor]],
+    source: FeatureSource,
     base: ExtractResult,
     store: EmbeddingStore,
     shard_size: int,
@@ -315,7 +320,7 @@ def _derive(
     The content keys are the same in both spaces, so whatever the base extraction cached is reused and only rows
     the derived space lacks go through the (cheap) head.
     """
-    base_space = space_for(store, source[0], modality)
+    base_space = space_for(store, source.base, modality)
     space = space_for(store, encoder, modality)
     wanted = list(dict.fromkeys(all_keys if all_keys is not None else [k for k in base.keys if k is not None]))
     todo = space.missing(wanted)
@@ -326,23 +331,10 @@ def _derive(
             for start in range(0, len(todo), shard_size):
                 chunk = todo[start : start + shard_size]
                 feats = torch.from_numpy(np.ascontiguousarray(base_space.get(chunk)))
-                writer.add(chunk, source[1](feats).float().cpu().numpy().astype(np.float32, copy=False))
+                writer.add(chunk, source.head(feats).float().cpu().numpy().astype(np.float32, copy=False))
                 result.encoded += len(chunk)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _encode_text_with_backoff(encoder: Encoder, texts: list[str]) -> torch.Tensor:
-    try:
-        return encoder.encode_texts(texts, batch_size=len(texts))
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-        if not _is_oom(e) or len(texts) <= 1:
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(texts) // 2
-        return torch.cat([_encode_text_with_backoff(encoder, texts[:half]),
-                          _encode_text_with_backoff(encoder, texts[half:])])
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -355,22 +347,3 @@ def _raise_strict(skipped: list[dict[str, str]]) -> None:
         f"--strict: {first['path']} cannot be used ({first['reason']}){more}",
         "fix or remove the file, or drop --strict to skip and report bad files",
     )
-
-
-class _NullBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> _NullBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def _progress(total: int, unit: str, enabled: bool, desc: str | None = None):
-    if not enabled:
-        return _NullBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, smoothing=0.1, leave=desc is None)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data.manifest import Dataset
-from .encoders.base import Encoder
-from .errors import EncoderlabError
-from .extract import ExtractResult, extract_images, extract_texts, space_for
-from .hashing import text_key
-from .store import EmbeddingStore
+from ..data.manifest import Dataset
+from ..encoders.base import Encoder
+from ..errors import EncoderlabError
+from ..hashing import text_key
+from ..store import EmbeddingStore
+from .loop import ExtractResult, extract_images, extract_texts, space_for
 
 
 @dataclass
@@ -60,20 +60,13 @@ def text_embeddings(
     return np.asarray(space.get([text_key(t) for t in texts]), dtype=np.float32)
 
 
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Unit-length rows (zero rows stay zero instead of turning into NaN)."""
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
-
-
 def caption_pairs(dataset: Dataset, rows: Sequence[int] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Distinct caption strings of ``rows`` and the (image position, text index) pairs that link them.
 
     A caption shared by several images appears once in the list and is a positive of each of them, so retrieval and
     contrastive training never treat an identical caption as a negative. Image positions index into ``rows``.
     """
-    from .metrics.retrieval import pairs_from_captions
+    from ..metrics.retrieval import pairs_from_captions
 
     texts_col = dataset.table["texts"].tolist()
     idx = range(len(texts_col)) if rows is None else rows

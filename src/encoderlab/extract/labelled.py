@@ -1,7 +1,9 @@
-"""The shared starting point of every classification rung: one dataset, one encoder, embeddings from the store.
+"""Labelled embeddings of one dataset: the shared starting point of every classification rung.
 
-All rungs of a comparison index the same ``Prepared`` object, so they see the same rows, labels, splits and features.
-The test split is only ever read for the final numbers; choices (hyper-parameters, templates) use train and val.
+All rungs of a comparison index the same ``LabelledEmbeddings``, so they see the same rows, labels, splits and
+features. The test split is only ever read for the final numbers; choices (hyper-parameters, templates) use train
+and val. A dataset that ships only train and test gets a validation part carved out of train (see
+``Dataset.ensure_validation``), recorded in its ``split_info``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from ..data.manifest import Dataset
 from ..data.splits import k_shot_sample
 from ..encoders.base import Encoder
 from ..errors import EncoderlabError, close_matches
-from ..extract import ExtractResult
-from ..features import image_embeddings, text_embeddings
 from ..store import EmbeddingStore
+from .embeddings import image_embeddings, text_embeddings
+from .loop import ExtractResult
 
 
 @dataclass
-class Prepared:
-    """Embeddings of the usable rows of ``dataset`` with their labels (class index; -1 unlabelled) and splits."""
+class LabelledEmbeddings:
+    """Embeddings ``X`` of the usable rows of ``dataset`` with their labels ``y`` (class index; -1 unlabelled),
+    splits, ids, and the dataset row of each (``rows``)."""
 
     dataset: Dataset
     modality: str
@@ -60,8 +63,20 @@ class Prepared:
     def n_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def validation_note(self) -> str:
+        """A sentence for the output when the validation split was carved out of train ("" otherwise)."""
+        return validation_note(self.dataset.split_info)
 
-def prepare(
+
+def validation_note(split_info: dict) -> str:
+    if split_info.get("method") != "carved":
+        return ""
+    return (f"the data has no val split: {split_info['items']} items ({split_info['fraction']:.0%} of each class) "
+            f"were carved out of train by id hash (seed {split_info['seed']}) to choose on; test is untouched")
+
+
+def labelled_embeddings(
     encoder: Encoder,
     dataset: Dataset,
     store: EmbeddingStore,
@@ -69,8 +84,14 @@ def prepare(
     modality: str | None = None,
     progress: bool = True,
     require_labels: bool = True,
-) -> Prepared:
-    """Embed (or read from the store) every usable row of ``dataset`` in the encoder's space."""
+    val_seed: int = 0,
+) -> LabelledEmbeddings:
+    """Embed (or read from the store) every usable row of ``dataset`` in the encoder's space.
+
+    When the dataset has a train split but no val split, a validation part is carved from train first
+    (``Dataset.ensure_validation(seed=val_seed)``), so every rung that chooses something has data to choose on.
+    """
+    dataset = dataset.ensure_validation(seed=val_seed)
     if modality is None:
         modality = "image" if dataset.has_images and "image" in encoder.modalities else "text"
     if modality not in ("image", "text"):
@@ -98,4 +119,4 @@ def prepare(
     class_index = {c: i for i, c in enumerate(classes)}
     y = np.asarray([class_index.get(v, -1) if v is not None else -1 for v in t["label"]], dtype=np.int64)
     split = np.asarray([s if isinstance(s, str) else None for s in t["split"]], dtype=object)
-    return Prepared(dataset, modality, X, rows, np.asarray(t["id"].astype(str)), y, split, classes, result)
+    return LabelledEmbeddings(dataset, modality, X, rows, np.asarray(t["id"].astype(str)), y, split, classes, result)

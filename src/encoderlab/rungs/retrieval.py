@@ -1,4 +1,4 @@
-"""Cross-modal retrieval evaluation of a dual encoder on a dataset's image–caption pairs.
+"""Rung ``retrieval``: cross-modal retrieval evaluation of a dual encoder on a dataset's image–caption pairs.
 
 Every image is a query over all distinct captions of the split, and every distinct caption a query over all
 images. A caption shared by several images is one gallery item with several positives, so duplicates are never
@@ -17,12 +17,14 @@ import pandas as pd
 from ..data.manifest import Dataset
 from ..encoders.base import Encoder
 from ..errors import EncoderlabError
-from ..features import caption_pairs, image_embeddings, normalize_rows, text_embeddings
+from ..extract.embeddings import caption_pairs, image_embeddings, text_embeddings
 from ..metrics.bootstrap import bootstrap_ci
 from ..metrics.retrieval import metrics_from_ranks, per_query_hits, reciprocal_ranks, retrieval_ranks
+from ..normalize import normalize_rows
+from ..results import RunResult, data_provenance
 from ..store import EmbeddingStore
+from .base import Rung, RungInputs, RungOptions, register_rung
 from .costs import encoder_ms_per_item, peak_rss_mb
-from .runs import RunResult, data_provenance
 
 
 def run_retrieval(
@@ -78,7 +80,7 @@ def run_retrieval(
     }
     ids = np.asarray(ds.table["id"].astype(str))[emb.rows]
     predictions = _predictions(img, txt, ids, texts, i2t, t2i)
-    config = {"method": "retrieval", "encoder": encoder.spec, "split": split or "all", "ks": list(ks),
+    config = {"method": "retrieval", "encoder": encoder.spec, "split": split or "all", "ks": list(ks), "chosen": {},
               "chunk_size": chunk_size, "n_boot": n_boot, "seed": seed, "similarity": "cosine",
               "duplicates": "a caption shared by several images is one text with several positive images"}
     data = data_provenance(dataset, {split or "all": list(ids)})
@@ -102,3 +104,13 @@ def _predictions(img: np.ndarray, txt: np.ndarray, ids: np.ndarray, texts: list[
                              "top": [str(g_names[j]) for j in r],
                              "top_scores": [round(float(s[i, j]), 5) for j in r]})
     return pd.DataFrame(rows)
+
+
+def _run(inputs: RungInputs, options: RungOptions) -> RunResult:
+    return run_retrieval(inputs.encoder, inputs.dataset, inputs.store, split=options.split, chunk_size=options.chunk_size,
+                         n_boot=options.n_boot, seed=options.seed, encoder_ms=options.encoder_ms,
+                         progress=options.progress)
+
+
+register_rung(Rung("retrieval", level=1, rank=2, task="retrieval", needs=("dual", "captions"), knobs=(),
+                   description="image↔text retrieval: Recall@K, MRR, median rank (dual encoders)", run=_run))

@@ -1,0 +1,106 @@
+"""``encoderlab align``: LiT-style projection heads on two frozen towers; the result loads as ``local:DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import EncoderlabError
+from ..results.tables import retrieval_table
+from .options import add_parser, add_run_options, check_spec, load_data, open_store, progress, say
+
+
+def register(sub: Any) -> None:
+    p = add_parser(sub, "align", "align a frozen image encoder and a frozen text encoder with projection heads "
+                                 "(LiT-style); the result loads as local:DIR",
+                   "encoderlab align --vision efficientnet-lite0 --text minilm-l6 --data openclipart "
+                   "--out ~/models/aligned\n"
+                   "encoderlab align --vision hf-vision:facebook/dinov2-small --text minilm-l6 "
+                   "--data 'csv:pairs.csv?text=caption' --out ~/models/dino-minilm --head mlp --json")
+    p.add_argument("--vision", required=True, help="image encoder spec, e.g. efficientnet-lite0")
+    p.add_argument("--text", required=True, help="text encoder spec, e.g. minilm-l6")
+    p.add_argument("--head", choices=["linear", "mlp"], default="linear", help="projection head (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=256, help="joint embedding size (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: the trainer's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the trainer's)")
+    p.add_argument("--patience", type=int, default=None, help="epochs without val improvement before stopping")
+    p.add_argument("--shuffle-pairs", action="store_true",
+                   help="control run: captions shuffled across images (held-out retrieval should fall to chance)")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out test retrieval after training")
+    p.add_argument("--force", action="store_true",
+                   help="train even when MODEL_DIR already holds a model of the same towers, data and settings")
+    add_run_options(p, needs_encoder=False)
+    p.set_defaults(func=cmd_align)
+
+
+def _align_request(args: argparse.Namespace, ds: Any, options: dict[str, Any]) -> str:
+    """Digest of everything an aligned model depends on: tower weights, data split, settings."""
+    from ..encoders import create_encoder
+    from ..encoders.aligned import tower_fingerprint
+    from ..hashing import json_digest
+    from ..results import data_provenance
+
+    towers = {m: tower_fingerprint(create_encoder(spec, device=args.device, precision=args.precision))
+              for m, spec in (("image", args.vision), ("text", args.text))}
+    data = data_provenance(ds)
+    return json_digest({"towers": towers, "data": data["source"], "splits": data["splits"], "head": args.head,
+                        "dim": args.dim, "seed": args.seed, "shuffle_pairs": args.shuffle_pairs, **options})
+
+
+def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
+    from ..atomic import atomic_write_json
+    from ..encoders import create_encoder
+    from ..encoders.aligned import is_aligned_dir, read_config
+    from ..results import write_run
+    from ..rungs import run_retrieval
+    from ..train.align import align_encoders
+
+    if not args.out:
+        raise EncoderlabError("align needs --out MODEL_DIR (where the aligned model is saved)",
+                              "add e.g. --out ~/models/aligned; it then loads as local:~/models/aligned")
+    check_spec(args.vision)
+    check_spec(args.text)
+    ds = load_data(args, whole=True).ensure_validation(seed=args.seed)
+    store = open_store(args)
+    model_dir = Path(args.out).expanduser()
+    options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "patience") if getattr(args, k) is not None}
+    show = progress(args)
+    request = _align_request(args, ds, options)
+    stamp = model_dir / "request.json"
+    up_to_date = (not args.force and is_aligned_dir(model_dir) and stamp.is_file()
+                  and json.loads(stamp.read_text()).get("digest") == request)
+    if up_to_date:  # same towers, same split, same settings: training again would give the same heads
+        train_info = read_config(model_dir).get("train", {})
+        out: dict[str, Any] = {"model_dir": str(model_dir), "spec": f"local:{model_dir}", "up_to_date": True,
+                               "best_epoch": train_info.get("best_epoch"), "epochs_run": train_info.get("epochs_run"),
+                               "fit_seconds": train_info.get("fit_seconds")}
+        evaluated = model_dir / "eval" / "results.json"
+        if not args.no_eval and evaluated.is_file():
+            out["test_retrieval"] = json.loads(evaluated.read_text())["metrics"]
+    else:
+        train, val = ds.select_split("train"), ds.select_split("val")
+        result = align_encoders(args.vision, args.text, train, val, model_dir, store=store, head=args.head,
+                                dim=args.dim, seed=args.seed, shuffle_pairs=args.shuffle_pairs, progress=show,
+                                device=args.device, **options)
+        atomic_write_json(stamp, {"digest": request})
+        out = {"model_dir": str(result.path), "spec": f"local:{result.path}", "up_to_date": False, **result.summary()}
+        if not args.no_eval and "test" in ds.splits:
+            encoder = create_encoder(f"local:{result.path}", device=args.device, precision=args.precision)
+            ev = run_retrieval(encoder, ds, store, split="test", n_boot=args.n_boot, seed=args.seed, progress=show)
+            ev.costs.update(fit_seconds=result.fit_seconds, trainable_params=result.trainable_params)
+            ev.config["align"] = result.summary()
+            write_run(ev, Path(result.path) / "eval")
+            out["test_retrieval"] = ev.to_json()["metrics"]
+    if not args.json:
+        if out["up_to_date"]:
+            say(f"aligned model {model_dir} is up to date (same towers, data split and settings; --force retrains)")
+        else:
+            say(f"aligned model: {out['model_dir']}  (use it as --encoder local:{out['model_dir']})")
+            say(f"best epoch {out['best_epoch']} of {out['epochs_run']}, head training {out['fit_seconds']:.1f} s, "
+                f"{out['trainable_params']} trainable parameters")
+        if "test_retrieval" in out:
+            say(retrieval_table(out["test_retrieval"], label="test retrieval", full=False))
+    return out

@@ -1,0 +1,201 @@
+"""The runner every head rung shares (linear probe, kNN, Tip-Adapter, and any registered later).
+
+Protocol (recorded in every result's ``config``):
+- full data: fit on ``train``, choose knobs on ``val``, refit on train + val, report on ``test``;
+- few-shot: k labelled items per class from ``train`` (seeded), knobs chosen on min(k, 4) items per class from
+  ``val``, **no refit for any head** — the final model of every head holds exactly the k items per class it was
+  given (``fit_counts_``, recorded per setting), so the comparison between heads is on equal labels — repeated
+  over seeds; the table shows mean ± std over seeds and a bootstrap interval over test items of the seed-averaged
+  correctness;
+- the test split never chooses anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..cpu import small_fit_threads
+from ..data.prompts import load_templates
+from ..encoders.base import Encoder
+from ..errors import EncoderlabError
+from ..extract.labelled import LabelledEmbeddings
+from ..metrics.bootstrap import bootstrap_ci
+from ..metrics.classification import classification_metrics, per_item_topk_correct
+from ..results import RunResult, data_provenance
+from ..store import EmbeddingStore
+from .base import HeadContext, Rung, RungInputs, RungOptions, create_rung, list_rungs
+from .common import chosen_knobs, encoder_cost, eval_split, evaluate, full_scores, prediction_rows
+from .costs import ms_per_item, n_params, peak_rss_mb
+from .zeroshot import zeroshot_classifier
+
+FEW_SHOT_VAL_SHOTS = 4
+
+
+def head_rung(method: str) -> Rung:
+    """The registered rung ``method``, which must fit a head on frozen features."""
+    rung = create_rung(method)
+    if rung.make_head is None:
+        raise EncoderlabError(f"rung {method!r} does not fit a head on embeddings",
+                              f"use one of {', '.join(list_rungs(head=True))}")
+    return rung
+
+
+def check_few_shot(shots: Sequence[int], seeds: int, full: bool) -> list[int]:
+    if not full and not shots:
+        raise EncoderlabError("nothing to run: no --shots and --no-full", "give --shots 1,2,4,8,16 or drop --no-full")
+    bad = [k for k in shots if int(k) < 1]
+    if bad:
+        raise EncoderlabError(f"--shots must be positive integers, got {bad[0]}", "write e.g. --shots 1,2,4,8,16")
+    if seeds < 1:
+        raise EncoderlabError(f"--seeds must be >= 1, got {seeds}", "use e.g. --seeds 3")
+    return sorted({int(k) for k in shots})
+
+
+def _fit(rung: Rung, ctx: HeadContext, emb: LabelledEmbeddings, tr: np.ndarray, va: np.ndarray | None) -> Any:
+    assert rung.make_head is not None
+    head = rung.make_head(ctx)
+    has_val = va is not None and va.size > 0
+    with small_fit_threads("cpu"):  # small problems: see encoderlab.cpu
+        return head.fit(emb.X[tr], emb.y[tr], emb.X[va] if has_val else None, emb.y[va] if has_val else None)
+
+
+def _record(head: Any, setting: str, tr: np.ndarray, va: np.ndarray | None, fit_s: float, rung: Rung,
+            on: str, classes: list[str]) -> dict[str, Any]:
+    counts = np.asarray(head.fit_counts_)
+    return {"setting": setting, "train_items": int(tr.size), "val_items": int(va.size) if va is not None else 0,
+            "final_model_items": int(counts.sum()),
+            "final_model_items_per_class": {classes[int(c)]: int(n) for c, n in zip(head.classes_, counts)},
+            "fit_seconds": round(fit_s, 4), **chosen_knobs(head, rung.knobs, on)}
+
+
+def run_probe(
+    encoder: Encoder,
+    emb: LabelledEmbeddings,
+    store: EmbeddingStore,
+    *,
+    method: str = "linear",
+    shots: Sequence[int] = (),
+    seeds: int = 3,
+    full: bool = True,
+    class_weight: str | None = None,
+    templates: str | Sequence[str] = "clip80",
+    class_names: Mapping[str, str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    encoder_ms: float | None = None,
+    zero_shot_encoder: Encoder | None = None,
+) -> RunResult:
+    """Fit the head of rung ``method`` on frozen embeddings: full train split and/or k-shot samples over seeds.
+
+    ``zero_shot_encoder`` builds the zero-shot classifier for heads that wrap one (default: ``encoder``).
+    """
+    rung = head_rung(method)
+    ks = check_few_shot(shots, seeds, full)
+    zs_encoder = zero_shot_encoder or encoder
+    template_list = load_templates(templates) if "dual" in rung.needs else []
+
+    built: dict[str, Any] = {}
+
+    def zero_shot() -> Any:  # built on first use, once, and shared by every fit of this run
+        if "head" not in built:
+            built["head"] = zeroshot_classifier(zs_encoder, emb.classes, store, template_list, class_names)[0]
+        return built["head"]
+
+    def context(s: int, refit: bool) -> HeadContext:
+        return HeadContext(seed=s, refit=refit, class_weight=class_weight, logit_scale=zs_encoder.logit_scale,
+                           zero_shot_factory=zero_shot if "dual" in rung.needs else None)
+
+    train, val, test = emb.index("train"), emb.index("val"), eval_split(emb, "test")
+    if train.size == 0:
+        raise EncoderlabError("the train split has no labelled items", "make splits with --split-ratios")
+    Xt, yt = emb.X[test], emb.y[test]
+    metrics: dict[str, float] = {}
+    costs: dict[str, Any] = {}
+    settings: list[dict[str, Any]] = []
+    preds: list[pd.DataFrame] = []
+    notes: list[str] = [emb.validation_note] if emb.validation_note else []
+    per_item: dict[str, np.ndarray] = {}
+    head: Any = None
+    full_head: Any = None
+
+    if full:
+        t0 = time.perf_counter()
+        head = full_head = _fit(rung, context(seed, refit=True), emb, train, val)
+        fit_s = time.perf_counter() - t0
+        scores = full_scores(head, Xt, emb.n_classes)
+        metrics.update(evaluate(yt, scores, emb.classes, n_boot, seed))
+        costs["fit_seconds"] = round(fit_s, 4)
+        settings.append(_record(head, "full", train, val, fit_s, rung, "val", emb.classes))
+        preds.append(prediction_rows(emb, test, scores, "full"))
+        per_item["full"] = per_item_topk_correct(yt, scores, 1).astype(float)
+
+    for k in ks:
+        per_seed: list[dict[str, float]] = []
+        correct = np.zeros(len(test))
+        fit_times = []
+        for s in range(seeds):
+            tr, note = emb.k_shot(k, s, "train")
+            va = emb.k_shot(min(k, FEW_SHOT_VAL_SHOTS), s, "val")[0] if val.size else None
+            if note and s == 0:
+                notes.append(f"{k}-shot: {note}")
+            t0 = time.perf_counter()
+            head = _fit(rung, context(s, refit=False), emb, tr, va)
+            fit_times.append(time.perf_counter() - t0)
+            scores = full_scores(head, Xt, emb.n_classes)
+            per_seed.append(classification_metrics(yt, scores, emb.classes))
+            correct += per_item_topk_correct(yt, scores, 1)
+            record = _record(head, f"{k}-shot", tr, va, fit_times[-1], rung, "k-shot-val", emb.classes)
+            settings.append({**record, "seed": s, "top1": per_seed[-1]["top1"]})
+            if s == 0:
+                preds.append(prediction_rows(emb, test, scores, f"{k}-shot seed 0"))
+        for name in ("top1", "top5", "balanced_accuracy", "macro_f1"):
+            if name in per_seed[0]:
+                vals = np.asarray([m[name] for m in per_seed])
+                metrics[f"{k}-shot/{name}"] = float(vals.mean())
+                metrics[f"{k}-shot/{name}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        per_item[f"{k}-shot"] = correct / seeds
+        lo, hi = bootstrap_ci(correct / seeds, n_boot=n_boot, seed=seed)
+        metrics[f"{k}-shot/top1_ci_low"], metrics[f"{k}-shot/top1_ci_high"] = lo, hi
+        costs[f"{k}-shot/fit_seconds"] = round(float(np.mean(fit_times)), 4)
+
+    last = full_head if full_head is not None else head  # latency and size of the full-data head when there is one
+    head_ms = ms_per_item(lambda: full_scores(last, Xt, emb.n_classes), len(test))
+    costs["predict_ms_per_item"] = head_ms
+    costs["encoder_ms_per_item"] = encoder_cost(encoder, emb, "test", encoder_ms)
+    costs["predict_ms_per_item_with_encoder"] = round(head_ms + costs["encoder_ms_per_item"], 4)
+    costs["trainable_params"] = n_params(last)
+    costs["peak_rss_mb"] = peak_rss_mb()
+    primary = "top1" if full else f"{max(ks)}-shot/top1"
+    config = {
+        "method": rung.name, "encoder": encoder.spec, "shots": ks, "seeds": seeds,
+        "full": full, "class_weight": class_weight, "seed": seed, "n_boot": n_boot, "modality": emb.modality,
+        "knobs": list(rung.knobs),
+        "protocol": {"full": "fit train, choose knobs on val, refit train+val, report test",
+                     "few_shot": f"k per class from train, choose knobs on min(k, {FEW_SHOT_VAL_SHOTS}) per class "
+                                 "from val, no refit (every head's final model holds exactly the k per class), "
+                                 "report test; mean and std over seeds"},
+        "notes": notes,
+    }
+    if template_list:
+        config["templates"] = templates if isinstance(templates, str) else "list"
+    data = data_provenance(emb.dataset, {"train": list(emb.ids[train]), "val": list(emb.ids[val]),
+                                         "test": list(emb.ids[test])})
+    return RunResult(f"probe-{rung.name}", metrics, costs, config, data, primary=primary,
+                     predictions=pd.concat(preds, ignore_index=True) if preds else None,
+                     extra={"settings": settings}, per_item=per_item)
+
+
+def run_head_rung(rung: Rung, inputs: RungInputs, options: RungOptions) -> RunResult:
+    """``Rung.run`` of every head rung: read the features the rung allows, run the shared protocol."""
+    encoder, emb, features = inputs.features_for(rung)
+    result = run_probe(encoder, emb, inputs.store, method=rung.name, shots=options.shots, seeds=options.seeds,
+                       full=options.full, class_weight=options.class_weight, templates=options.templates,
+                       class_names=options.class_names, n_boot=options.n_boot, seed=options.seed,
+                       encoder_ms=options.encoder_ms, zero_shot_encoder=inputs.encoder)
+    result.config["features"] = features
+    return result
