@@ -62,8 +62,8 @@ def real_embeddings(spec: str, data: str, templates: str) -> tuple[np.ndarray, n
     from encoderlab.data.prompts import class_display_names, class_prompts, load_templates
     from encoderlab.encoders import create_encoder
     from encoderlab.extract import image_embeddings, text_embeddings
-    from encoderlab.rungs.costs import encoder_ms_per_item
     from encoderlab.paths import store_dir
+    from encoderlab.rungs.costs import encoder_ms_per_item
     from encoderlab.store import EmbeddingStore
 
     enc = create_encoder(spec, device="cpu")

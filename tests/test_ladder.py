@@ -8,82 +8,33 @@ the real adapters run through the same code.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from PIL import Image
 
 from encoderlab.cli import main
 from encoderlab.data import load_dataset
 from encoderlab.data.prompts import class_display_names, humanize, load_class_names, load_templates
-from encoderlab.encoders import EncoderInfo, create_encoder, register_encoder
-from encoderlab.encoders.base import Encoder, ImageTransform
+from encoderlab.encoders import create_encoder
 from encoderlab.errors import EncoderlabError
-from encoderlab.heads.zeroshot import ZeroShotClassifier
 from encoderlab.extract import labelled_embeddings
+from encoderlab.heads.zeroshot import ZeroShotClassifier
 from encoderlab.ladder import run_comparison
 from encoderlab.rungs import run_probe, run_retrieval, run_zeroshot
 from encoderlab.store import EmbeddingStore
-
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-class ColorEncoder(Encoder):
-    """Image -> mean RGB (centred); text -> the RGB of the first colour word in it (zeros if none)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.spec, self.modalities, self.embed_dim = "test-color", ("image", "text"), 3
-        self.score_kind, self.logit_scale, self.device = "softmax", 10.0, device
-
-    def fingerprint_parts(self) -> dict:
-        return {"kind": "test-color", "version": 1}
-
-    def image_transform(self) -> ImageTransform:
-        return ImageTransform(resize=(8, 8), crop=None, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0))
-
-    def encode_pixels(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        out = pixel_values.float().mean(dim=(2, 3))
-        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
-
-    def encode_text_batch(self, texts: list[str]) -> torch.Tensor:
-        rows = []
-        for t in texts:
-            word = next((w for w in COLORS if w in t.lower()), None)
-            rgb = np.asarray(COLORS[word], dtype=np.float32) / 255.0 - 0.5 if word else np.zeros(3, np.float32)
-            rows.append(torch.from_numpy(rgb))
-        return torch.stack(rows)
+from encoderlab.testing import color_dataset, color_spec, registered_color_encoder
 
 
-register_encoder(EncoderInfo("test-color", ("image", "text"), "mock dual encoder for tests"),
-                 lambda name, device, precision: ColorEncoder(device))
-
-
-def color_dataset(root: Path, n_per_class: int = 12, seed: int = 0) -> Path:
-    """A jsonl image–caption–label set with deterministic train/val/test splits and one shared caption."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for c, rgb in COLORS.items():
-        for i in range(n_per_class):
-            noise = rng.integers(-20, 20, size=3)
-            arr = np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8)
-            path = root / f"{c}_{i}.png"
-            Image.fromarray(np.tile(arr, (16, 16, 1))).save(path)
-            split = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
-            caption = [f"a {c} square number {i}", "a coloured square"]  # the second caption is on every image
-            rows.append({"image": str(path), "text": caption, "label": f"{c}_thing", "split": split[i % 12]})
-    path = root / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+@pytest.fixture(autouse=True)
+def color_encoder():
+    with registered_color_encoder() as name:
+        yield name
 
 
 @pytest.fixture
 def color_data(tmp_path):
-    path = color_dataset(tmp_path / "colors")
-    return load_dataset(f"jsonl:{path}?image=image&text=text&label=label&split=split")
+    return load_dataset(color_spec(color_dataset(tmp_path / "colors")))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import EncoderlabError, close_matches
 
+
 def split_query(spec: str) -> tuple[str, str, bool]:
     """``"body?query"`` -> ``(body, query, had_question_mark)``."""
     body, qmark, query = spec.partition("?")

@@ -8,11 +8,11 @@ factory under their name. ``create_encoder`` is the only place that turns a stri
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import EncoderlabError, UnknownNameError, close_matches
+from ..registry import Registry, matches
 from .base import Encoder, EncoderInfo
 
 Factory = Callable[..., Encoder]  # factory(target: str, *, device, precision) -> Encoder
@@ -24,27 +24,31 @@ class ParsedSpec:
     target: str  # the part after the prefix, or the name
 
 
-_PREFIXES: dict[str, tuple[Factory, str]] = {}
-_NAMED: dict[str, tuple[Factory, EncoderInfo]] = {}
-_BUILTINS_LOADED = False
+# Adapters register themselves on import; imported lazily so `import encoderlab` stays light.
+_BUILTINS = tuple(f"encoderlab.encoders.{m}" for m in ("aligned", "hf", "local", "open_clip", "packaged"))
+PREFIXES: Registry[tuple[Factory, str]] = Registry("encoder prefix", builtins=_BUILTINS)
+NAMED: Registry[tuple[Factory, EncoderInfo]] = Registry("encoder", builtins=_BUILTINS)
+_PREFIXES, _NAMED = PREFIXES._entries, NAMED._entries  # the raw maps, for lookups that must not load builtins
 
 
 def register_prefix(prefix: str, factory: Factory, description: str) -> None:
     """Register an adapter for specs of the form ``prefix:target``."""
-    _PREFIXES[prefix] = (factory, description)
+    PREFIXES.register(prefix, (factory, description))
 
 
 def register_encoder(info: EncoderInfo, factory: Factory) -> None:
     """Register a named encoder (``factory(name, device=..., precision=...)``)."""
-    _NAMED[info.name] = (factory, info)
+    NAMED.register(info.name, (factory, info))
+
+
+def unregister_encoder(name: str) -> None:
+    """Remove a named encoder (tests undo their registrations with it)."""
+    NAMED.unregister(name)
 
 
 def _load_builtins() -> None:
-    # Adapters register themselves on import; imported lazily so `import encoderlab` stays light.
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from . import aligned, hf, local, open_clip, packaged  # noqa: F401
+    PREFIXES._load_builtins()
+    NAMED._load_builtins()
 
 
 def parse_spec(spec: str) -> ParsedSpec:
@@ -98,7 +102,4 @@ def list_encoders(pattern: str | None = None) -> list[EncoderInfo]:
     _load_builtins()
     infos = [info for _, info in _NAMED.values()]
     infos += [EncoderInfo(name=p + ":<id>", modalities=(), description=d) for p, (_, d) in _PREFIXES.items()]
-    if pattern:
-        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        infos = [i for i in infos if fnmatch.fnmatch(i.name.lower(), pat.lower())]
-    return sorted(infos, key=lambda i: i.name)
+    return sorted((i for i in infos if matches(i.name, pattern)), key=lambda i: i.name)

@@ -11,7 +11,7 @@ from .run import (
     slug,
     write_run,
 )
-from .tables import format_comparison, format_table, fmt, with_ci
+from .tables import fmt, format_comparison, format_table, with_ci
 
 __all__ = [
     "SCHEMA_VERSION",
