@@ -9,7 +9,6 @@ as its format. ``load_dataset`` is the only place that turns a spec into a ``Dat
 from __future__ import annotations
 
 import os
-import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import EncoderlabError, UnknownNameError, close_matches
+from ..specs import parse_options, split_query
 from .images import IMAGE_EXTENSIONS
 from .manifest import Dataset
 from .splits import DEFAULT_RATIOS, check_ratios
@@ -98,7 +98,7 @@ def parse_source_spec(spec: str) -> ParsedSource:
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise EncoderlabError(f"empty data source spec {spec!r}", "e.g. folder:path/to/images or csv:pairs.csv")
     text = os.fspath(spec).strip() if isinstance(spec, os.PathLike) else spec.strip()
-    body, qmark, query = text.partition("?")
+    body, query, _ = split_query(text)
     head, sep, rest = body.partition(":")
     if sep and head in _SOURCES:
         prefix, target = head, rest
@@ -120,15 +120,8 @@ def parse_source_spec(spec: str) -> ParsedSource:
             f"(known: {', '.join(choices)})"
         )
     kind = _SOURCES[prefix]
-    options: dict[str, str] = {}
-    if qmark:
-        for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-            if key not in kind.options:
-                guess = close_matches(key, list(kind.options))
-                hint = f"did you mean {guess[0]!r}? " if guess else ""
-                known = ", ".join(kind.options) or "none"
-                raise EncoderlabError(f"unknown option {key!r} for {prefix}: in {text!r}", f"{hint}options: {known}")
-            options[key] = value
+    options = parse_options(query, dict.fromkeys(kind.options, str), spec=text, what=f"{prefix}: data source",
+                            allow_empty=True)
     return ParsedSource(prefix, target, options)
 
 

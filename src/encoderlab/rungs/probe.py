@@ -13,7 +13,8 @@ Protocol (recorded in every result's ``config``):
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,89 @@ def _record(head: Any, setting: str, tr: np.ndarray, va: np.ndarray | None, fit_
             "fit_seconds": round(fit_s, 4), **chosen_knobs(head, rung.knobs, on)}
 
 
+@dataclass
+class _Protocol:
+    """One head rung's run over the full split and the few-shot settings, accumulating what the result holds."""
+
+    rung: Rung
+    emb: LabelledEmbeddings
+    context: Callable[[int, bool], HeadContext]
+    n_boot: int
+    seed: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    costs: dict[str, Any] = field(default_factory=dict)
+    settings: list[dict[str, Any]] = field(default_factory=list)
+    preds: list[pd.DataFrame] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    per_item: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        emb = self.emb
+        self.train, self.val, self.test = emb.index("train"), emb.index("val"), eval_split(emb, "test")
+        if self.train.size == 0:
+            raise EncoderlabError("the train split has no labelled items", "make splits with --split-ratios")
+        if emb.validation_note:
+            self.notes.append(emb.validation_note)
+
+    def fit(self, s: int, refit: bool, tr: np.ndarray, va: np.ndarray | None) -> tuple[Any, float, np.ndarray]:
+        """A fitted head, its fit time and its scores on the test items."""
+        t0 = time.perf_counter()
+        head = _fit(self.rung, self.context(s, refit), self.emb, tr, va)
+        fit_s = time.perf_counter() - t0
+        return head, fit_s, full_scores(head, self.emb.X[self.test], self.emb.n_classes)
+
+    def full(self) -> Any:
+        """Fit on train, choose on val, refit on train + val; report test."""
+        emb, test = self.emb, self.test
+        head, fit_s, scores = self.fit(self.seed, True, self.train, self.val)
+        self.metrics.update(evaluate(emb.y[test], scores, emb.classes, self.n_boot, self.seed))
+        self.costs["fit_seconds"] = round(fit_s, 4)
+        self.settings.append(_record(head, "full", self.train, self.val, fit_s, self.rung, "val", emb.classes))
+        self.preds.append(prediction_rows(emb, test, scores, "full"))
+        self.per_item["full"] = per_item_topk_correct(emb.y[test], scores, 1).astype(float)
+        return head
+
+    def few_shot(self, k: int, seeds: int) -> Any:
+        """k per class from train over ``seeds`` samples, knobs on min(k, 4) per class from val, no refit."""
+        emb, yt = self.emb, self.emb.y[self.test]
+        per_seed: list[dict[str, float]] = []
+        correct = np.zeros(len(self.test))
+        fit_times = []
+        head = None
+        for s in range(seeds):
+            tr, note = emb.k_shot(k, s, "train")
+            va = emb.k_shot(min(k, FEW_SHOT_VAL_SHOTS), s, "val")[0] if self.val.size else None
+            if note and s == 0:
+                self.notes.append(f"{k}-shot: {note}")
+            head, fit_s, scores = self.fit(s, False, tr, va)
+            fit_times.append(fit_s)
+            per_seed.append(classification_metrics(yt, scores, emb.classes))
+            correct += per_item_topk_correct(yt, scores, 1)
+            record = _record(head, f"{k}-shot", tr, va, fit_s, self.rung, "k-shot-val", emb.classes)
+            self.settings.append({**record, "seed": s, "top1": per_seed[-1]["top1"]})
+            if s == 0:
+                self.preds.append(prediction_rows(emb, self.test, scores, f"{k}-shot seed 0"))
+        for name in ("top1", "top5", "balanced_accuracy", "macro_f1"):
+            if name in per_seed[0]:
+                vals = np.asarray([m[name] for m in per_seed])
+                self.metrics[f"{k}-shot/{name}"] = float(vals.mean())
+                self.metrics[f"{k}-shot/{name}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        self.per_item[f"{k}-shot"] = correct / seeds
+        lo, hi = bootstrap_ci(correct / seeds, n_boot=self.n_boot, seed=self.seed)
+        self.metrics[f"{k}-shot/top1_ci_low"], self.metrics[f"{k}-shot/top1_ci_high"] = lo, hi
+        self.costs[f"{k}-shot/fit_seconds"] = round(float(np.mean(fit_times)), 4)
+        return head
+
+    def inference_costs(self, head: Any, encoder: Encoder, encoder_ms: float | None) -> None:
+        Xt = self.emb.X[self.test]
+        head_ms = ms_per_item(lambda: full_scores(head, Xt, self.emb.n_classes), len(self.test))
+        self.costs["predict_ms_per_item"] = head_ms
+        self.costs["encoder_ms_per_item"] = encoder_cost(encoder, self.emb, "test", encoder_ms)
+        self.costs["predict_ms_per_item_with_encoder"] = round(head_ms + self.costs["encoder_ms_per_item"], 4)
+        self.costs["trainable_params"] = n_params(head)
+        self.costs["peak_rss_mb"] = peak_rss_mb()
+
+
 def run_probe(
     encoder: Encoder,
     emb: LabelledEmbeddings,
@@ -98,7 +182,6 @@ def run_probe(
     ks = check_few_shot(shots, seeds, full)
     zs_encoder = zero_shot_encoder or encoder
     template_list = load_templates(templates) if "dual" in rung.needs else []
-
     built: dict[str, Any] = {}
 
     def zero_shot() -> Any:  # built on first use, once, and shared by every fit of this run
@@ -110,67 +193,12 @@ def run_probe(
         return HeadContext(seed=s, refit=refit, class_weight=class_weight, logit_scale=zs_encoder.logit_scale,
                            zero_shot_factory=zero_shot if "dual" in rung.needs else None)
 
-    train, val, test = emb.index("train"), emb.index("val"), eval_split(emb, "test")
-    if train.size == 0:
-        raise EncoderlabError("the train split has no labelled items", "make splits with --split-ratios")
-    Xt, yt = emb.X[test], emb.y[test]
-    metrics: dict[str, float] = {}
-    costs: dict[str, Any] = {}
-    settings: list[dict[str, Any]] = []
-    preds: list[pd.DataFrame] = []
-    notes: list[str] = [emb.validation_note] if emb.validation_note else []
-    per_item: dict[str, np.ndarray] = {}
-    head: Any = None
-    full_head: Any = None
-
-    if full:
-        t0 = time.perf_counter()
-        head = full_head = _fit(rung, context(seed, refit=True), emb, train, val)
-        fit_s = time.perf_counter() - t0
-        scores = full_scores(head, Xt, emb.n_classes)
-        metrics.update(evaluate(yt, scores, emb.classes, n_boot, seed))
-        costs["fit_seconds"] = round(fit_s, 4)
-        settings.append(_record(head, "full", train, val, fit_s, rung, "val", emb.classes))
-        preds.append(prediction_rows(emb, test, scores, "full"))
-        per_item["full"] = per_item_topk_correct(yt, scores, 1).astype(float)
-
+    run = _Protocol(rung, emb, context, n_boot, seed)
+    full_head = run.full() if full else None
+    last = None
     for k in ks:
-        per_seed: list[dict[str, float]] = []
-        correct = np.zeros(len(test))
-        fit_times = []
-        for s in range(seeds):
-            tr, note = emb.k_shot(k, s, "train")
-            va = emb.k_shot(min(k, FEW_SHOT_VAL_SHOTS), s, "val")[0] if val.size else None
-            if note and s == 0:
-                notes.append(f"{k}-shot: {note}")
-            t0 = time.perf_counter()
-            head = _fit(rung, context(s, refit=False), emb, tr, va)
-            fit_times.append(time.perf_counter() - t0)
-            scores = full_scores(head, Xt, emb.n_classes)
-            per_seed.append(classification_metrics(yt, scores, emb.classes))
-            correct += per_item_topk_correct(yt, scores, 1)
-            record = _record(head, f"{k}-shot", tr, va, fit_times[-1], rung, "k-shot-val", emb.classes)
-            settings.append({**record, "seed": s, "top1": per_seed[-1]["top1"]})
-            if s == 0:
-                preds.append(prediction_rows(emb, test, scores, f"{k}-shot seed 0"))
-        for name in ("top1", "top5", "balanced_accuracy", "macro_f1"):
-            if name in per_seed[0]:
-                vals = np.asarray([m[name] for m in per_seed])
-                metrics[f"{k}-shot/{name}"] = float(vals.mean())
-                metrics[f"{k}-shot/{name}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-        per_item[f"{k}-shot"] = correct / seeds
-        lo, hi = bootstrap_ci(correct / seeds, n_boot=n_boot, seed=seed)
-        metrics[f"{k}-shot/top1_ci_low"], metrics[f"{k}-shot/top1_ci_high"] = lo, hi
-        costs[f"{k}-shot/fit_seconds"] = round(float(np.mean(fit_times)), 4)
-
-    last = full_head if full_head is not None else head  # latency and size of the full-data head when there is one
-    head_ms = ms_per_item(lambda: full_scores(last, Xt, emb.n_classes), len(test))
-    costs["predict_ms_per_item"] = head_ms
-    costs["encoder_ms_per_item"] = encoder_cost(encoder, emb, "test", encoder_ms)
-    costs["predict_ms_per_item_with_encoder"] = round(head_ms + costs["encoder_ms_per_item"], 4)
-    costs["trainable_params"] = n_params(last)
-    costs["peak_rss_mb"] = peak_rss_mb()
-    primary = "top1" if full else f"{max(ks)}-shot/top1"
+        last = run.few_shot(k, seeds)
+    run.inference_costs(full_head if full_head is not None else last, encoder, encoder_ms)  # the full head if any
     config = {
         "method": rung.name, "encoder": encoder.spec, "shots": ks, "seeds": seeds,
         "full": full, "class_weight": class_weight, "seed": seed, "n_boot": n_boot, "modality": emb.modality,
@@ -179,15 +207,16 @@ def run_probe(
                      "few_shot": f"k per class from train, choose knobs on min(k, {FEW_SHOT_VAL_SHOTS}) per class "
                                  "from val, no refit (every head's final model holds exactly the k per class), "
                                  "report test; mean and std over seeds"},
-        "notes": notes,
+        "notes": run.notes,
     }
     if template_list:
         config["templates"] = templates if isinstance(templates, str) else "list"
-    data = data_provenance(emb.dataset, {"train": list(emb.ids[train]), "val": list(emb.ids[val]),
-                                         "test": list(emb.ids[test])})
-    return RunResult(f"probe-{rung.name}", metrics, costs, config, data, primary=primary,
-                     predictions=pd.concat(preds, ignore_index=True) if preds else None,
-                     extra={"settings": settings}, per_item=per_item)
+    data = data_provenance(emb.dataset, {split: list(emb.ids[idx]) for split, idx in
+                                         (("train", run.train), ("val", run.val), ("test", run.test))})
+    return RunResult(f"probe-{rung.name}", run.metrics, run.costs, config, data,
+                     primary="top1" if full else f"{max(ks)}-shot/top1",
+                     predictions=pd.concat(run.preds, ignore_index=True) if run.preds else None,
+                     extra={"settings": run.settings}, per_item=run.per_item)
 
 
 def run_head_rung(rung: Rung, inputs: RungInputs, options: RungOptions) -> RunResult:

@@ -1,0 +1,246 @@
+"""The rung registry and its contract, the few-shot protocol (equal labels for every head), run directories, and
+datasets that ship only train and test.
+
+Every registered rung runs through the same ``Rung.run(inputs, options)`` on the mock colour encoder, whose answers
+are exact; the contract test is parametrized over ``list_rungs()``, so a new rung is covered the day it registers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from encoderlab.cli import main
+from encoderlab.data import load_dataset
+from encoderlab.encoders import create_encoder
+from encoderlab.errors import EncoderlabError, UnknownNameError
+from encoderlab.extract import labelled_embeddings
+from encoderlab.heads import ZeroShotClassifier
+from encoderlab.ladder import run_comparison
+from encoderlab.results import SCHEMA_VERSION, RunResult, default_run_dir, read_run, write_run
+from encoderlab.rungs import HeadContext, RungInputs, RungOptions, create_rung, list_rungs, run_probe
+from encoderlab.rungs.zeroshot import zeroshot_classifier
+from encoderlab.store import EmbeddingStore
+from encoderlab.testing import ColorEncoder, color_dataset, color_spec, registered_color_encoder
+
+BUILTIN = ["zeroshot", "knn", "retrieval", "linear", "tip"]
+
+
+@pytest.fixture(autouse=True)
+def color_encoder():
+    with registered_color_encoder() as name:
+        yield name
+
+
+@pytest.fixture
+def color_data(tmp_path):
+    return load_dataset(color_spec(color_dataset(tmp_path / "colors")))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return EmbeddingStore(tmp_path / "store")
+
+
+class ImageOnly(ColorEncoder):
+    """The colour encoder without its text tower: a single-modality backbone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec, self.modalities = "image-only-color", ("image",)
+
+    def fingerprint_parts(self) -> dict:
+        return {"kind": "image-only-color", "version": 1}
+
+
+# ---- registry ----------------------------------------------------------------------------------------------------
+def test_registry_lists_in_ladder_order_and_suggests_close_matches():
+    assert list_rungs() == BUILTIN
+    assert list_rungs(head=True) == ["knn", "linear", "tip"]
+    assert list_rungs(task="retrieval") == ["retrieval"]
+    assert list_rungs("*e*") == ["zeroshot", "retrieval", "linear"]
+    with pytest.raises(UnknownNameError, match="unknown rung 'lienar'; did you mean linear"):
+        create_rung("lienar")
+    for name in list_rungs():
+        rung = create_rung(name)
+        assert rung.name == name and set(rung.needs) <= {"dual", "labels", "captions"}
+        assert rung.describe()["knobs"] == list(rung.knobs)
+
+
+def test_needs_are_checked_against_encoder_and_data(color_data):
+    image_only = ImageOnly()
+    assert create_rung("zeroshot").unmet(image_only, color_data) == "needs a dual encoder (image and text towers)"
+    assert create_rung("knn").unmet(image_only, color_data) is None
+    unlabelled = color_data.subset(color_data.table["label"].isna() | True)
+    unlabelled.table["label"] = None
+    assert "labelled" in create_rung("linear").unmet(ColorEncoder(), unlabelled)
+    no_captions = color_data.subset(color_data.table["label"].notna())
+    no_captions.table["texts"] = [[] for _ in range(len(no_captions))]
+    assert "captions" in create_rung("retrieval").unmet(ColorEncoder(), no_captions)
+
+
+# ---- the contract, over every registered rung ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", list_rungs())
+def test_rung_contract(name, color_data, store, tmp_path):
+    rung = create_rung(name)
+    enc = create_encoder("test-color", device="cpu")
+    assert rung.unmet(enc, color_data) is None
+    result = rung.run(RungInputs(enc, color_data, store, progress=False),
+                      RungOptions(shots=(1, 2), seeds=2, n_boot=50, templates="name", progress=False))
+    assert isinstance(result, RunResult)
+    assert result.primary in result.metrics and math.isfinite(result.metrics[result.primary])
+    assert {"predict_ms_per_item", "encoder_ms_per_item", "trainable_params", "peak_rss_mb"} <= set(result.costs)
+    # every knob the rung says it chooses is recorded, with how it was chosen
+    if rung.make_head is not None:
+        for s in result.extra["settings"]:
+            assert set(s["knobs"]) == set(rung.knobs) or s["chosen_by"] == "fixed"
+            assert s["chosen_by"] in ("val", "k-shot-val", "fixed")
+    else:
+        assert set(result.config["chosen"]) == set(rung.knobs)
+    # one writer, one reader
+    doc = result.to_json()
+    assert doc["schema_version"] == SCHEMA_VERSION and json.loads(json.dumps(doc)) == doc
+    back = read_run(write_run(result, tmp_path / name))
+    assert back.task == result.task and back.metrics == doc["metrics"] and back.config == doc["config"]
+    assert (back.predictions is not None) == (result.predictions is not None)
+
+
+@pytest.mark.parametrize("name", list_rungs(head=True))
+def test_head_rungs_follow_one_fit_contract(name, color_data, store):
+    enc = create_encoder("test-color", device="cpu")
+    emb = labelled_embeddings(enc, color_data, store, progress=False)
+    tr, va = emb.index("train"), emb.index("val")
+    zs = zeroshot_classifier(enc, emb.classes, store, ["a photo of a {}."])[0]
+    rung = create_rung(name)
+    head = rung.make_head(HeadContext(seed=0, refit=False, zero_shot_factory=lambda: zs))
+    with pytest.raises(EncoderlabError, match="not fitted"):
+        head.predict(emb.X[:2])
+    assert head.fit(emb.X[tr], emb.y[tr], emb.X[va], emb.y[va]) is head
+    assert np.array_equal(head.fit_counts_, np.bincount(emb.y[tr], minlength=emb.n_classes))
+    refit = rung.make_head(HeadContext(seed=0, refit=True, zero_shot_factory=lambda: zs))
+    refit.fit(emb.X[tr], emb.y[tr], emb.X[va], emb.y[va])
+    assert refit.n_fit_items_ == tr.size + va.size  # the full-data protocol refits on train + val
+    assert head.predict(emb.X[:3]).shape == (3,) and head.score(emb.X[va], emb.y[va]) > 0.9
+
+
+def test_zeroshot_classifier_is_a_head():
+    zs = ZeroShotClassifier()
+    with pytest.raises(EncoderlabError, match="ZeroShotClassifier is not fitted"):
+        zs.predict(np.ones((2, 3)))
+    zs.fit(np.eye(3, dtype=np.float32), ["a", "b", "c"])
+    assert list(zs.predict(np.eye(3)[[2, 0]])) == ["c", "a"] and zs.n_fit_items_ == 0
+
+
+# ---- the few-shot protocol: every head's final model holds exactly k labels per class ---------------------------
+@pytest.mark.parametrize("name", list_rungs(head=True))
+def test_few_shot_heads_see_exactly_k_labels_per_class(name, color_data, store):
+    enc = create_encoder("test-color", device="cpu")
+    emb = labelled_embeddings(enc, color_data, store, progress=False)
+    result = run_probe(enc, emb, store, method=name, shots=[1, 2], seeds=2, n_boot=50, templates="name")
+    few = [s for s in result.extra["settings"] if s["setting"] != "full"]
+    assert len(few) == 4
+    for s in few:
+        k = int(s["setting"].split("-")[0])
+        assert s["val_items"] > 0  # validation labels were there to leak
+        assert s["final_model_items_per_class"] == dict.fromkeys(emb.classes, k), s
+        assert s["final_model_items"] == k * emb.n_classes == s["train_items"]
+    full = next(s for s in result.extra["settings"] if s["setting"] == "full")
+    assert full["final_model_items"] == full["train_items"] + full["val_items"]
+
+
+# ---- run directories -----------------------------------------------------------------------------------------------
+def test_default_run_dirs_are_unique_and_created_exclusively(tmp_path):
+    made: list = []
+    threads = [threading.Thread(target=lambda: made.append(default_run_dir("probe-knn", "a/b:c", tmp_path)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 8 and all(p.is_dir() and not any(p.iterdir()) for p in made)
+    assert all(p.name.startswith("probe-knn-") and "a_b_c" in p.name for p in made)
+
+
+def test_read_run_checks_the_schema(tmp_path):
+    write_run(RunResult("t", {"x": np.float32(0.5), "n": np.int64(3), "gone": float("nan")}, {}, {}, {}), tmp_path)
+    assert read_run(tmp_path).metrics == {"x": 0.5, "n": 3, "gone": None}
+    doc = json.loads((tmp_path / "results.json").read_text())
+    doc["schema_version"] = SCHEMA_VERSION + 1
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    with pytest.raises(EncoderlabError, match="schema_version"):
+        read_run(tmp_path)
+    with pytest.raises(EncoderlabError, match="holds no results.json"):
+        read_run(tmp_path / "nothing")
+
+
+def test_comparison_with_every_rung_skipped_still_writes_a_result(color_data, store, tmp_path):
+    comp = run_comparison(ImageOnly(), color_data, store, rungs=["zeroshot", "tip", "retrieval"], n_boot=50,
+                          progress=False, out_dir=tmp_path / "cmp")
+    assert comp.results == {} and set(comp.skipped) == {"zeroshot", "tip", "retrieval"}
+    doc = read_run(tmp_path / "cmp")
+    assert doc.task == "compare" and doc.extra["skipped_rungs"] == comp.skipped
+    assert "skipped tip: needs a dual encoder" in comp.format()
+    with pytest.raises(UnknownNameError, match="did you mean knn"):
+        run_comparison(ImageOnly(), color_data, store, rungs=["knnn"], progress=False)
+
+
+# ---- a source with train and test only ---------------------------------------------------------------------------
+def _train_test_csv(tmp_path) -> str:
+    src = color_dataset(tmp_path / "colors", splits=("train",) * 10 + ("test",) * 2)
+    path = tmp_path / "colors.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "label", "split"])
+        for line in src.read_text().splitlines():
+            row = json.loads(line)
+            for caption in row["text"]:
+                w.writerow([row["image"], caption, row["label"], row["split"]])
+    return f"csv:{path}?text=caption"
+
+
+def test_train_test_only_csv_runs_every_rung(tmp_path, capsys):
+    data = _train_test_csv(tmp_path)
+    source = load_dataset(data)
+    assert source.splits == ["test", "train"]
+    common = ["--encoder", "test-color", "--data", data, "--store", str(tmp_path / "store"), "--n-boot", "50"]
+    code = main(["compare", *common, "--shots", "1,2", "--seeds", "2", "--templates", "name", "--json",
+                 "--out", str(tmp_path / "cmp")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["skipped_rungs"] == {} and set(doc["rung_dirs"]) == set(BUILTIN)
+    info = doc["data"]["split_info"]
+    assert info["method"] == "carved" and info["from_split"] == "train" and info["base"] == {"method": "source"}
+    assert info["items"] == 3  # 10 % of each class's 10 train items
+    assert doc["data"]["splits"]["val"]["items"] == 3 and doc["data"]["splits"]["train"]["items"] == 27
+    test_ids = sorted(source.select_split("test").table["id"])
+    for name in ("linear", "knn", "tip"):
+        res = read_run(tmp_path / "cmp" / name)
+        assert res.data["splits"]["test"]["items"] == len(test_ids)  # test is never touched
+        assert any("carved out of train" in n for n in res.config["notes"])
+        assert all(s["val_items"] > 0 for s in res.extra["settings"])
+    # the single-rung command says so too, instead of "split 'val' has no usable items"
+    assert main(["probe", "--method", "linear", *common, "--out", str(tmp_path / "lin")]) == 0
+    captured = capsys.readouterr()
+    assert "carved out of train" in captured.err and "full" in captured.out
+    # deterministic: the same carve every time, and a different one for another seed
+    again = load_dataset(data).ensure_validation()
+    assert sorted(again.select_split("val").table["id"]) == sorted(
+        load_dataset(data).ensure_validation().select_split("val").table["id"])
+    other = load_dataset(data).ensure_validation(seed=5).select_split("val").table["id"]
+    assert len(other) == 3
+
+
+def test_carve_keeps_a_training_item_per_class_and_ignores_unlabelled(color_data):
+    ds = color_data.subset(color_data.table["split"] != "val")
+    carved = ds.ensure_validation(fraction=0.5, seed=1)
+    counts = carved.table.groupby(["label", "split"]).size().unstack(fill_value=0)
+    assert (counts["train"] >= 1).all() and (counts["val"] >= 1).all()
+    assert carved.ensure_validation() is carved  # already has val: unchanged
+    with pytest.raises(EncoderlabError, match="fraction"):
+        ds.ensure_validation(fraction=1.5)
