@@ -37,7 +37,8 @@ class Registry(Generic[T]):
         self._builtins = tuple(builtins)
         self._loaded = not builtins
 
-    def _load_builtins(self) -> None:
+    def load_builtins(self) -> None:
+        """Import the builtin modules once (their import registers the builtin entries)."""
         if not self._loaded:
             self._loaded = True
             for module in self._builtins:
@@ -52,13 +53,17 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def peek(self, name: str) -> T | None:
+        """The entry of ``name`` if registered, without importing builtins (None otherwise)."""
+        return self._entries.get(name)
+
     def unregister(self, name: str) -> T | None:
         """Remove an entry (tests use this to undo their registrations); returns it, or None."""
         return self._entries.pop(name, None)
 
     def get(self, name: str) -> T:
         """The entry of ``name``; an unknown name raises ``UnknownNameError`` with close matches."""
-        self._load_builtins()
+        self.load_builtins()
         try:
             return self._entries[name]
         except (KeyError, TypeError):
@@ -70,16 +75,16 @@ class Registry(Generic[T]):
 
     def names(self, pattern: str | None = None) -> list[str]:
         """Sorted names, filtered by a glob or substring ``pattern``."""
-        self._load_builtins()
+        self.load_builtins()
         return sorted(n for n in self._entries if matches(n, pattern))
 
     def __contains__(self, name: object) -> bool:
-        self._load_builtins()
+        self.load_builtins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def items(self) -> list[tuple[str, T]]:
-        self._load_builtins()
+        self.load_builtins()
         return sorted(self._entries.items())

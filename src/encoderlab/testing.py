@@ -55,7 +55,7 @@ def registered_color_encoder(name: str = COLOR_SPEC) -> Iterator[str]:
     """Register ``ColorEncoder`` as ``name`` inside the block; restore whatever was there before on exit."""
     from .encoders.base import EncoderInfo
 
-    previous = NAMED._entries.get(name)
+    previous = NAMED.peek(name)
     register_encoder(EncoderInfo(name, ("image", "text"), "mock dual encoder for tests"),
                      lambda target, device, precision: ColorEncoder(device, precision))
     try:

@@ -102,8 +102,9 @@ class Dataset:
         self.split_info: dict[str, Any] = dict(split_info)
         self.info: dict[str, Any] = dict(info or {})
 
-    def _derive(self, table: pd.DataFrame, **changes: Any) -> Dataset:
-        # Rows of an already-normalized table need no re-validation: build the new Dataset directly.
+    def derive(self, table: pd.DataFrame, **changes: Any) -> Dataset:
+        """A Dataset over rows of this one's (already normalized) table, with ``source``/``skipped``/``split_info``/
+        ``info`` changed as given; the rows are not re-validated."""
         new = object.__new__(Dataset)
         new.table = table.reset_index(drop=True)
         new.source = changes.get("source", self.source)
@@ -150,11 +151,11 @@ class Dataset:
                 f"unknown split {name!r} in {self.source or 'dataset'}",
                 f"{hint}available splits: {available or 'none (use with_splits to make some)'}",
             )
-        return self._derive(self.table[self.table["split"] == name])
+        return self.derive(self.table[self.table["split"] == name])
 
     def subset(self, mask: Any) -> Dataset:
         """The items where a boolean mask (Series or array aligned with ``table``) is true."""
-        return self._derive(self.table[mask])
+        return self.derive(self.table[mask])
 
     def with_splits(
         self,
@@ -178,7 +179,7 @@ class Dataset:
             rows = table["split"] == from_split
             table.loc[rows, "split"] = hash_splits(table.loc[rows, "id"], ratios, seed)
             info.update(from_split=from_split, base=self.split_info)
-        return self._derive(table, split_info=info)
+        return self.derive(table, split_info=info)
 
     def ensure_validation(self, fraction: float = VAL_FRACTION, seed: int | str = 0) -> Dataset:
         """This dataset if it has a ``val`` split (or no ``train``); else one with ``val`` carved out of ``train``.
@@ -197,7 +198,7 @@ class Dataset:
         table.loc[table["id"].isin(picked), "split"] = "val"
         info = {"method": "carved", "from_split": "train", "to_split": "val", "fraction": fraction, "seed": seed,
                 "stratified_by": "label", "items": len(picked), "base": self.split_info}
-        return self._derive(table, split_info=info)
+        return self.derive(table, split_info=info)
 
     def k_shot(self, k: int, seed: int | str = 0, split: str | None = "train") -> Dataset:
         """k items per class from ``split`` (seeded, deterministic). Short classes are taken whole and reported:
@@ -215,7 +216,7 @@ class Dataset:
             "unlabelled_dropped": result.unlabelled_dropped,
             "note": note,
         }
-        return self._derive(result.table, info=info)
+        return self.derive(result.table, info=info)
 
     def texts_flat(self) -> pd.DataFrame:
         """One row per (item, caption): columns ``id``, ``text_index``, ``text``, ``label``, ``split``."""

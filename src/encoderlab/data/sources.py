@@ -163,7 +163,7 @@ def apply_split_policy(ds: Dataset, splits: Mapping[str, float] | str | bool | N
     if splits is False or splits == "none":
         table = ds.table.copy()
         table["split"] = pd.Series([None] * len(table), index=table.index, dtype=object)
-        return ds._derive(table, split_info={"method": "none"})
+        return ds.derive(table, split_info={"method": "none"})
     if isinstance(splits, Mapping):
         return ds.with_splits(check_ratios(splits), seed)
     if splits not in (None, "source"):

@@ -28,7 +28,6 @@ class ParsedSpec:
 _BUILTINS = tuple(f"encoderlab.encoders.{m}" for m in ("aligned", "hf", "local", "open_clip", "packaged"))
 PREFIXES: Registry[tuple[Factory, str]] = Registry("encoder prefix", builtins=_BUILTINS)
 NAMED: Registry[tuple[Factory, EncoderInfo]] = Registry("encoder", builtins=_BUILTINS)
-_PREFIXES, _NAMED = PREFIXES._entries, NAMED._entries  # the raw maps, for lookups that must not load builtins
 
 
 def register_prefix(prefix: str, factory: Factory, description: str) -> None:
@@ -47,8 +46,8 @@ def unregister_encoder(name: str) -> None:
 
 
 def _load_builtins() -> None:
-    PREFIXES._load_builtins()
-    NAMED._load_builtins()
+    PREFIXES.load_builtins()
+    NAMED.load_builtins()
 
 
 def parse_spec(spec: str) -> ParsedSpec:
@@ -57,14 +56,14 @@ def parse_spec(spec: str) -> ParsedSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise EncoderlabError(f"empty encoder spec {spec!r}", "see `encoderlab encoders list`")
     spec = spec.strip()
-    if spec in _NAMED:
+    if spec in NAMED:
         return ParsedSpec(None, spec)
     prefix, sep, target = spec.partition(":")
-    if sep and prefix in _PREFIXES:
+    if sep and prefix in PREFIXES:
         if not target:
             raise EncoderlabError(f"encoder spec {spec!r} names no model after '{prefix}:'", _example(prefix))
         return ParsedSpec(prefix, target)
-    choices = sorted(_NAMED) + [p + ":" for p in sorted(_PREFIXES)]
+    choices = NAMED.names() + [p + ":" for p in PREFIXES.names()]
     guess = close_matches(prefix + ":" if sep else spec, choices)
     hint = f"did you mean {', '.join(guess)}?" if guess else "see `encoderlab encoders list`"
     what = f"unknown encoder prefix {prefix + ':'!r} in {spec!r}" if sep else f"unknown encoder {spec!r}"
@@ -89,9 +88,9 @@ def create_encoder(spec: str, device: str | None = None, precision: str | None =
     dev = select_device(device)
     prec = select_precision(dev, precision)
     if parsed.prefix is None:
-        factory, _ = _NAMED[parsed.target]
+        factory, _ = NAMED.get(parsed.target)
     else:
-        factory, _ = _PREFIXES[parsed.prefix]
+        factory, _ = PREFIXES.get(parsed.prefix)
     enc = factory(parsed.target, device=dev, precision=prec)
     enc.spec = spec.strip()
     return enc
@@ -100,6 +99,6 @@ def create_encoder(spec: str, device: str | None = None, precision: str | None =
 def list_encoders(pattern: str | None = None) -> list[EncoderInfo]:
     """Named encoders and adapter prefixes, filtered by a glob or substring pattern."""
     _load_builtins()
-    infos = [info for _, info in _NAMED.values()]
-    infos += [EncoderInfo(name=p + ":<id>", modalities=(), description=d) for p, (_, d) in _PREFIXES.items()]
+    infos = [info for _, (_, info) in NAMED.items()]
+    infos += [EncoderInfo(name=p + ":<id>", modalities=(), description=d) for p, (_, d) in PREFIXES.items()]
     return sorted((i for i in infos if matches(i.name, pattern)), key=lambda i: i.name)
