@@ -244,3 +244,13 @@ def test_carve_keeps_a_training_item_per_class_and_ignores_unlabelled(color_data
     assert carved.ensure_validation() is carved  # already has val: unchanged
     with pytest.raises(EncoderlabError, match="fraction"):
         ds.ensure_validation(fraction=1.5)
+
+
+def test_cli_lists_the_registry(capsys):
+    assert main(["rungs", "list", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in doc["rungs"]] == BUILTIN
+    assert next(r for r in doc["rungs"] if r["name"] == "tip")["needs"] == ["dual", "labels"]
+    assert main(["rungs", "list", "lin"]) == 0
+    text = capsys.readouterr().out
+    assert "linear" in text and "knn" not in text

@@ -10,8 +10,16 @@ import argparse
 from typing import Any
 
 from ..results import resolve_run_dir, write_run
-from ..results.tables import classification_table, costs_line, few_shot_table, retrieval_table, template_table
+from ..results.tables import (
+    classification_table,
+    costs_line,
+    few_shot_table,
+    format_table,
+    retrieval_table,
+    template_table,
+)
 from .options import (
+    add_common,
     add_parser,
     add_prompt_options,
     add_run_options,
@@ -29,6 +37,14 @@ from .options import (
 
 def register(sub: Any) -> None:
     from ..rungs import list_rungs
+
+    group = sub.add_parser("rungs", help="list the rungs of the ladder: what each needs and chooses")
+    group_sub = group.add_subparsers(dest="action", metavar="ACTION")
+    p = add_parser(group_sub, "list", "list registered rungs in ladder order",
+                   "encoderlab rungs list\nencoderlab rungs list 'l*' --json")
+    p.add_argument("pattern", nargs="?", help="glob or substring filter, e.g. 'knn' or 't*'")
+    add_common(p)
+    p.set_defaults(func=cmd_rungs_list)
 
     p = add_parser(sub, "zeroshot", "zero-shot classification with prompt templates (dual encoders)",
                    "encoderlab zeroshot --encoder hf:openai/clip-vit-base-patch32 --data folder:~/pets\n"
@@ -87,6 +103,17 @@ def register(sub: Any) -> None:
     add_prompt_options(p)
     add_run_options(p)
     p.set_defaults(func=cmd_compare)
+
+
+def cmd_rungs_list(args: argparse.Namespace) -> dict[str, Any]:
+    from ..rungs import create_rung, list_rungs
+
+    rows = [create_rung(n).describe() for n in list_rungs(args.pattern)]
+    if not args.json:
+        say(format_table([[r["level"], r["name"], r["task"], "+".join(r["needs"]) or "-", ",".join(r["knobs"]) or "-",
+                           r["description"]] for r in rows],
+                         ["level", "rung", "task", "needs", "chooses", "description"]))
+    return {"rungs": rows}
 
 
 def _context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
