@@ -18,6 +18,7 @@ import torch
 
 from .encoders.base import Encoder, ImageTransform
 from .encoders.registry import NAMED, register_encoder, unregister_encoder
+from .normalize import normalize_rows
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 COLOR_SPEC = "test-color"
@@ -39,7 +40,7 @@ class ColorEncoder(Encoder):
 
     def encode_pixels(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         out = pixel_values.float().mean(dim=(2, 3))
-        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+        return normalize_rows(out) if normalize else out
 
     def encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         rows = []

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import EncoderlabError
 from ..hashing import json_digest
+from ..normalize import normalize_rows
 
 Modality = Literal["image", "text"]
 ScoreKind = Literal["softmax", "sigmoid", "cosine"]
@@ -197,7 +198,7 @@ class Encoder(ABC):
             idx = order[start : start + batch_size]
             out[idx] = self.encode_text_batch([unique[i] for i in idx]).float().cpu()
         if normalize:
-            out = torch.nn.functional.normalize(out, dim=-1)
+            out = normalize_rows(out)
         pos = {t: i for i, t in enumerate(unique)}
         return out[[pos[t] for t in texts]]
 

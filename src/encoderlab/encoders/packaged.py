@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ..errors import EncoderlabError
-from .base import Encoder, EncoderInfo, ImageTransform, inference_context, l2_normalize, state_dict_digest
+from ..normalize import normalize_rows
+from .base import Encoder, EncoderInfo, ImageTransform, inference_context, state_dict_digest
 from .registry import register_encoder
 
 _DEMO_FIX = (
@@ -90,7 +91,7 @@ class EfficientNetLite0Encoder(Encoder):
         with inference_context(self.device, self.precision):
             out = network(x)
         out = out.float().cpu()
-        return l2_normalize(out) if normalize else out
+        return normalize_rows(out) if normalize else out
 
     def _features(self, example: torch.Tensor):
         """The pooled-feature network, built on first use for how this encoder runs.

@@ -42,7 +42,6 @@ class HeadContext:
     seed: int
     refit: bool
     class_weight: str | None = None
-    logit_scale: float | None = None
     zero_shot_factory: Callable[[], ZeroShotClassifier] | None = None
     _zero_shot: ZeroShotClassifier | None = field(default=None, repr=False)
 

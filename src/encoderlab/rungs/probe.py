@@ -190,7 +190,7 @@ def run_probe(
         return built["head"]
 
     def context(s: int, refit: bool) -> HeadContext:
-        return HeadContext(seed=s, refit=refit, class_weight=class_weight, logit_scale=zs_encoder.logit_scale,
+        return HeadContext(seed=s, refit=refit, class_weight=class_weight,
                            zero_shot_factory=zero_shot if "dual" in rung.needs else None)
 
     run = _Protocol(rung, emb, context, n_boot, seed)
