@@ -40,8 +40,8 @@ def test_encoders_list_json_and_filter(capsys):
 
 def test_data_inspect_json(capsys, folder, tmp_path):
     out = run_json(capsys, ["data", "inspect", f"folder:{folder}"])
-    assert out["items"] == 9 and out["classes"] == ["apple", "pear"]
-    assert sum(out["splits"].values()) == 9 and set(out["splits"]) <= {"train", "val", "test"}
+    assert (out["rows"], out["usable"], out["items"]) == (9, 8, 8) and out["classes"] == ["apple", "pear"]
+    assert sum(out["splits"].values()) == 8 and set(out["splits"]) <= {"train", "val", "test"}
     assert out["skipped"] == [{"path": str(folder / "pear" / "broken.png"), "reason": out["skipped"][0]["reason"]}]
     assert out["skipped"][0]["reason"] in {"corrupt", "truncated", "not-an-image"}
 
@@ -63,8 +63,8 @@ def test_embed_split_only_encodes_that_split(capsys, folder, tmp_path, tiny_clip
     insp = run_json(capsys, ["data", "inspect", f"folder:{folder}", "--split", "train"])
     out = run_json(capsys, ["embed", "--encoder", f"hf:{tiny_clip_dir}", "--data", f"folder:{folder}", "--split",
                             "train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--workers", "0"])
-    assert out["items"] == insp["items"]
-    assert out["encoded"] + len(out["skipped"]) == insp["items"]
+    assert out["items"] == insp["rows"]
+    assert out["encoded"] == insp["usable"] and out["encoded"] + len(out["skipped"]) == insp["rows"]
 
 
 @pytest.mark.parametrize(

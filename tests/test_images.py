@@ -256,3 +256,59 @@ def test_returned_image_is_detached_from_file(tmp_path):
     im = load_image(p)
     os.remove(p)
     assert np.asarray(im).shape == (16, 16, 3)
+
+
+def _probe_reason(path, **kw) -> str:
+    with pytest.raises(BadImageError) as info:
+        probe_image(path, **kw)
+    assert info.value.path == str(path)
+    return info.value.reason
+
+
+def test_header_check_catches_truncated_png_and_jpeg_from_the_tail(tmp_path):
+    png = _png_bytes(_noise())
+    jpg = _png_bytes(_noise(), "JPEG")
+    cuts = {"half.png": png[: len(png) // 2], "half.jpg": jpg[: len(jpg) // 2], "no-eoi.jpg": jpg[:-2],
+            "head-only.png": png[:40], "head-only.jpg": jpg[:300],
+            "zero-tail.png": png[: len(png) // 2] + b"\0" * (len(png) // 2)}  # preallocated, never finished
+    for name, data in cuts.items():
+        (tmp_path / name).write_bytes(data)
+        assert _probe_reason(tmp_path / name) in ({"truncated", "corrupt"} if "zero" in name else {"truncated"}), name
+    # A valid header and recognised format that Pillow cannot open is a cut-short file, not "not an image".
+    assert _reason(tmp_path / "head-only.png") == "truncated"
+
+
+def test_header_check_reads_only_head_and_tail_of_complete_files(tmp_path, monkeypatch):
+    import encoderlab.data.images as images
+
+    def no_decode(*a, **kw):
+        raise AssertionError("probe_image decoded a complete file")
+
+    monkeypatch.setattr(images, "load_image", no_decode)
+    for fmt, ext in (("PNG", "png"), ("JPEG", "jpg")):
+        p = tmp_path / f"ok.{ext}"
+        p.write_bytes(_png_bytes(_noise(), fmt))
+        assert probe_image(p).format == fmt
+    big = tmp_path / "big.png"  # larger than the 64 KB head: the tail is read separately
+    big.write_bytes(_png_bytes(_noise(256)))
+    assert big.stat().st_size > 64 * 1024 and probe_image(big).width == 256
+
+
+def test_padding_and_data_after_the_end_marker_are_not_truncation(tmp_path):
+    jpg = _png_bytes(_noise(), "JPEG")
+    png = _png_bytes(_noise())
+    (tmp_path / "pad.jpg").write_bytes(jpg + b"\0\0\0\0\0\0")  # camera padding after EOI
+    (tmp_path / "ws.png").write_bytes(png + b"\r\n \0")
+    # A "motion photo": a video appended after EOI. The marker is not at the end; a decode confirms the image.
+    (tmp_path / "motion.jpg").write_bytes(jpg + np.random.default_rng(2).bytes(70_000))
+    for name in ("pad.jpg", "ws.png", "motion.jpg"):
+        assert probe_image(tmp_path / name).width == 64, name
+        assert load_image(tmp_path / name).size == (64, 64), name
+
+
+def test_corrupt_data_behind_a_valid_header_and_tail_needs_a_decode(tmp_path):
+    png = bytearray(_png_bytes(_noise()))
+    png[100:300] = b"\x00" * 200
+    (tmp_path / "c.png").write_bytes(bytes(png))
+    assert probe_image(tmp_path / "c.png").width == 64
+    assert _reason(tmp_path / "c.png") == "corrupt"

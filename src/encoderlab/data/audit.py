@@ -20,8 +20,9 @@ def check_images(
 ) -> list[dict[str, str]]:
     """``[{path, reason}]`` for every file that would be skipped.
 
-    The default header check (format, dimensions, pixel limit, empty/missing/unreadable) is cheap; ``decode=True``
-    decodes every image and so also finds truncated or corrupt pixel data.
+    The default check (``probe_image``: format, dimensions, pixel limit, empty/missing/unreadable, and the PNG/JPEG
+    end marker, so truncated files are found) reads a file's head and tail only; ``decode=True`` decodes every
+    image and so also finds corrupt pixel data behind a valid header and tail. Results keep the order of ``paths``.
     """
     check = load_image if decode else probe_image
 

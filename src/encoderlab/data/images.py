@@ -13,6 +13,9 @@ white, 16-bit data is scaled (not clipped) to 8 bits, and the EXIF orientation i
 Truncation: Pillow pads truncated files silently only when the process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES``
 is True. We never set that global (other code in the process may rely on it); when someone else has set it,
 PNG and JPEG files are additionally checked for their end markers so truncation is still reported.
+The header check ``probe_image`` also reads the last few KB of PNG and JPEG files: a file that does not end with
+its end marker (IEND / EOI, after a little zero or whitespace padding) is decoded to confirm, so truncated
+files are caught without ``--decode`` while files with data after the marker (phone "motion photos") pass.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ REASONS = (
 
 _WHITE = (255, 255, 255)
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the whole (empty) IEND chunk: length, type, CRC
+_JPEG_EOI = b"\xff\xd9"
+_TAIL_BYTES = 4096
+_TAIL_PADDING = b"\x00 \t\r\n"  # some cameras and tools pad files after the end marker
 
 
 @dataclass(frozen=True)
@@ -176,14 +183,16 @@ def _too_large(path: str, w: int, h: int, limit: int) -> BadImageError:
 
 
 def probe_image(path: str | os.PathLike, max_pixels: int | None = None) -> ImageHeader:
-    """Cheap header check: existence, size, format and dimensions, without decoding pixels.
+    """Cheap header check: existence, size, format and dimensions, plus the end marker of PNG and JPEG files.
 
     Raises ``BadImageError`` for anything ``load_image`` would refuse before decoding (missing, zero-byte,
-    not-an-image, too-large, ...). Corruption inside the pixel data is only found by ``load_image``.
+    not-an-image, too-large, ...) and ``truncated`` for a PNG/JPEG cut short: one whose tail lacks its end
+    marker is decoded to confirm (so data after the marker is not mistaken for truncation). Other corruption
+    inside the pixel data is only found by ``load_image``. Not used on the embedding path, which decodes anyway.
     """
     path = os.fspath(path)
     limit = _resolve_limit(max_pixels)
-    _check_file(path)
+    size = _check_file(path)
     head = _read_head(path, 64 * 1024)
     quick = _header_size(head)
     if quick is not None:
@@ -192,17 +201,48 @@ def probe_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image
             raise _too_large(path, w, h, limit)
         if w == 0 or h == 0:
             raise BadImageError(path, "corrupt", f"{fmt} header says {w}x{h}")
-        return ImageHeader(path, fmt, w, h)
-    with _LazyOpen(path, limit) as im:
-        return ImageHeader(path, im.format, im.width, im.height, im.mode)
+        header = ImageHeader(path, fmt, w, h)
+    else:
+        with _LazyOpen(path, limit) as im:
+            header = ImageHeader(path, im.format, im.width, im.height, im.mode)
+    if not _tail_looks_complete(path, header.format, size, head):
+        # A missing end marker is the sign of truncation, but not proof: some files carry data after it (an
+        # appended video, a vendor trailer). Decoding is the only sure test, and only suspicious files pay for it.
+        load_image(path, max_pixels=limit)
+    return header
+
+
+def _tail_looks_complete(path: str, fmt: str | None, size: int, head: bytes) -> bool:
+    """Whether a PNG ends with its IEND chunk / a JPEG with EOI, ignoring zero/whitespace padding after it.
+
+    Other formats: True. Reads only the last ``_TAIL_BYTES`` bytes (``head`` already holds them for small files).
+    """
+    if fmt not in ("PNG", "JPEG"):
+        return True
+    if size <= len(head):
+        tail = head[-_TAIL_BYTES:]
+    else:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, size - _TAIL_BYTES))
+                tail = f.read(_TAIL_BYTES)
+        except OSError as e:
+            raise _io_error(path, e) from None
+    tail = tail.rstrip(_TAIL_PADDING)
+    return tail.endswith(_PNG_IEND if fmt == "PNG" else _JPEG_EOI)
 
 
 class _LazyOpen:
-    """Context manager around ``Image.open`` mapping its failures and checking the pixel limit."""
+    """Context manager around ``Image.open`` mapping its failures and checking the pixel limit.
 
-    def __init__(self, path: str, limit: int) -> None:
+    ``known``: (format, file size, first bytes) when our own header probe already recognised the file, so that a
+    file Pillow cannot identify is reported as ``truncated``/``corrupt`` rather than ``not-an-image``.
+    """
+
+    def __init__(self, path: str, limit: int, known: tuple[str, int, bytes] | None = None) -> None:
         self.path = path
         self.limit = limit
+        self.known = known
         self.im: Image.Image | None = None
 
     def __enter__(self) -> Image.Image:
@@ -212,6 +252,11 @@ class _LazyOpen:
         except Image.DecompressionBombError as e:
             raise BadImageError(path, "too-large", str(e)) from None
         except UnidentifiedImageError:
+            if self.known is not None:
+                # A valid PNG/JPEG/... header that Pillow still cannot open: the file was cut short or damaged.
+                fmt, size, head = self.known
+                cut = not _tail_looks_complete(path, fmt, size, head)
+                raise BadImageError(path, "truncated" if cut else "corrupt", f"{fmt} header, unreadable body") from None
             raise BadImageError(path, "not-an-image", "no known image format") from None
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT, errno.EISDIR):
@@ -262,12 +307,12 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     """
     path = os.fspath(path)
     limit = _resolve_limit(max_pixels)
-    _check_file(path)
+    size = _check_file(path)
     head = _read_head(path, 64 * 1024)
     quick = _header_size(head)
     if quick is not None and limit and quick[1] * quick[2] > limit:
         raise _too_large(path, quick[1], quick[2], limit)
-    with _LazyOpen(path, limit) as im:
+    with _LazyOpen(path, limit, (quick[0], size, head) if quick is not None else None) as im:
         if ImageFile.LOAD_TRUNCATED_IMAGES:
             _check_end_marker(path, im.format)
         try:
