@@ -20,7 +20,14 @@ from encoderlab.encoders.aligned import AlignedDualEncoder, portable_spec, resol
 from encoderlab.errors import EncoderlabError
 from encoderlab.extract import image_embeddings, text_embeddings
 from encoderlab.store import EmbeddingStore
-from encoderlab.train import align_encoders, contrastive_targets, evaluate_retrieval, lr_at, symmetric_infonce
+from encoderlab.train import (
+    AlignConfig,
+    align_encoders,
+    contrastive_targets,
+    evaluate_retrieval,
+    lr_at,
+    symmetric_infonce,
+)
 
 CAPTIONS = ["a photo of a cat", "a photo of a dog", "a kitten sitting on a sofa", "a cup of coffee on a table",
             "a red car parked on the street", "an astronaut in a white suit", "a bird flying over the water"]
@@ -251,6 +258,24 @@ def test_bad_arguments_fail_before_work(tiny, tmp_path):
     with pytest.raises(EncoderlabError, match="no image tower"):
         align_encoders(tiny["text"], tiny["text"], tiny["train"], tiny["val"], tmp_path / "y", store=tiny["store"],
                        progress=False, device="cpu")
+
+
+def test_reuse_returns_the_saved_model_when_nothing_changed(tiny, tmp_path):
+    first = run(tiny, tmp_path / "m", epochs=2)
+    assert first.up_to_date is False and (tmp_path / "m" / "request.json").is_file()
+    again = run(tiny, tmp_path / "m", epochs=2, reuse=True)
+    assert again.up_to_date is True and again.history == [] and again.val_metrics == first.val_metrics
+    assert (again.best_epoch, again.epochs_run, again.trainable_params) == (first.best_epoch, 2, first.trainable_params)
+    assert again.logit_scale == pytest.approx(first.logit_scale)
+    for m in ("image", "text"):
+        torch.testing.assert_close(again.heads[m].weight, first.heads[m].weight)
+    assert run(tiny, tmp_path / "m", epochs=3, reuse=True).up_to_date is False  # a changed setting retrains
+    config = AlignConfig(dim=8, epochs=3, batch_size=8, patience=50)
+    same = align_encoders(tiny["vision"], tiny["text"], tiny["train"], tiny["val"], tmp_path / "m", store=tiny["store"],
+                          config=config, reuse=True, progress=False, device="cpu")
+    assert same.up_to_date is True  # the same settings given as a config
+    with pytest.raises(EncoderlabError, match="unknown align setting 'epoch'.*did you mean epochs"):
+        run(tiny, tmp_path / "x", epoch=3)
 
 
 def test_mlp_heads_round_trip(tiny, tmp_path):

@@ -36,26 +36,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_align)
 
 
-def _align_request(args: argparse.Namespace, ds: Any, options: dict[str, Any]) -> str:
-    """Digest of everything an aligned model depends on: tower weights, data split, settings."""
-    from ..encoders import create_encoder
-    from ..encoders.aligned import tower_fingerprint
-    from ..hashing import json_digest
-    from ..results import data_provenance
-
-    towers = {m: tower_fingerprint(create_encoder(spec, device=args.device, precision=args.precision))
-              for m, spec in (("image", args.vision), ("text", args.text))}
-    data = data_provenance(ds)
-    return json_digest({"towers": towers, "data": data["source"], "splits": data["splits"], "head": args.head,
-                        "dim": args.dim, "seed": args.seed, "shuffle_pairs": args.shuffle_pairs, **options})
-
-
 def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
-    from ..atomic import atomic_write_json
-    from ..encoders import create_encoder
-    from ..encoders.aligned import is_aligned_dir, read_config
-    from ..results import write_run
-    from ..rungs import run_retrieval
+    """Train (or, when up to date, reuse) the aligned model, evaluate it on the test split, print the outcome."""
     from ..train.align import align_encoders
 
     if not args.out:
@@ -68,39 +50,48 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = Path(args.out).expanduser()
     options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "patience") if getattr(args, k) is not None}
     show = progress(args)
-    request = _align_request(args, ds, options)
-    stamp = model_dir / "request.json"
-    up_to_date = (not args.force and is_aligned_dir(model_dir) and stamp.is_file()
-                  and json.loads(stamp.read_text()).get("digest") == request)
-    if up_to_date:  # same towers, same split, same settings: training again would give the same heads
-        train_info = read_config(model_dir).get("train", {})
-        out: dict[str, Any] = {"model_dir": str(model_dir), "spec": f"local:{model_dir}", "up_to_date": True,
-                               "best_epoch": train_info.get("best_epoch"), "epochs_run": train_info.get("epochs_run"),
-                               "fit_seconds": train_info.get("fit_seconds")}
+    result = align_encoders(args.vision, args.text, ds.select_split("train"), ds.select_split("val"), model_dir,
+                            store=store, head=args.head, dim=args.dim, seed=args.seed, shuffle_pairs=args.shuffle_pairs,
+                            reuse=not args.force, progress=show, device=args.device, precision=args.precision,
+                            **options)
+    out: dict[str, Any] = {"model_dir": str(result.path), "spec": f"local:{result.path}",
+                           "up_to_date": result.up_to_date}
+    if result.up_to_date:  # same towers, same split, same settings: training again would give the same heads
+        train_info = result.config.get("train", {})
+        out.update({k: train_info.get(k) for k in ("best_epoch", "epochs_run", "fit_seconds")})
         evaluated = model_dir / "eval" / "results.json"
         if not args.no_eval and evaluated.is_file():
             out["test_retrieval"] = json.loads(evaluated.read_text())["metrics"]
     else:
-        train, val = ds.select_split("train"), ds.select_split("val")
-        result = align_encoders(args.vision, args.text, train, val, model_dir, store=store, head=args.head,
-                                dim=args.dim, seed=args.seed, shuffle_pairs=args.shuffle_pairs, progress=show,
-                                device=args.device, **options)
-        atomic_write_json(stamp, {"digest": request})
-        out = {"model_dir": str(result.path), "spec": f"local:{result.path}", "up_to_date": False, **result.summary()}
+        out.update(result.summary())
         if not args.no_eval and "test" in ds.splits:
-            encoder = create_encoder(f"local:{result.path}", device=args.device, precision=args.precision)
-            ev = run_retrieval(encoder, ds, store, split="test", n_boot=args.n_boot, seed=args.seed, progress=show)
-            ev.costs.update(fit_seconds=result.fit_seconds, trainable_params=result.trainable_params)
-            ev.config["align"] = result.summary()
-            write_run(ev, Path(result.path) / "eval")
-            out["test_retrieval"] = ev.to_json()["metrics"]
+            out["test_retrieval"] = _evaluate(args, ds, store, result, show)
     if not args.json:
-        if out["up_to_date"]:
-            say(f"aligned model {model_dir} is up to date (same towers, data split and settings; --force retrains)")
-        else:
-            say(f"aligned model: {out['model_dir']}  (use it as --encoder local:{out['model_dir']})")
-            say(f"best epoch {out['best_epoch']} of {out['epochs_run']}, head training {out['fit_seconds']:.1f} s, "
-                f"{out['trainable_params']} trainable parameters")
-        if "test_retrieval" in out:
-            say(retrieval_table(out["test_retrieval"], label="test retrieval", full=False))
+        _say(out)
     return out
+
+
+def _evaluate(args: argparse.Namespace, ds: Any, store: Any, result: Any, show: bool) -> dict[str, Any]:
+    """Test-split retrieval of the new model, written to MODEL_DIR/eval (reused while the model is up to date)."""
+    from ..encoders import create_encoder
+    from ..results import write_run
+    from ..rungs import run_retrieval
+
+    encoder = create_encoder(f"local:{result.path}", device=args.device, precision=args.precision)
+    ev = run_retrieval(encoder, ds, store, split="test", n_boot=args.n_boot, seed=args.seed, progress=show)
+    ev.costs.update(fit_seconds=result.fit_seconds, trainable_params=result.trainable_params)
+    ev.config["align"] = result.summary()
+    write_run(ev, Path(result.path) / "eval")
+    return ev.to_json()["metrics"]
+
+
+def _say(out: dict[str, Any]) -> None:
+    """The human-readable report of ``cmd_align``."""
+    if out["up_to_date"]:
+        say(f"aligned model {out['model_dir']} is up to date (same towers, data split and settings; --force retrains)")
+    else:
+        say(f"aligned model: {out['model_dir']}  (use it as --encoder local:{out['model_dir']})")
+        say(f"best epoch {out['best_epoch']} of {out['epochs_run']}, head training {out['fit_seconds']:.1f} s, "
+            f"{out['trainable_params']} trainable parameters")
+    if "test_retrieval" in out:
+        say(retrieval_table(out["test_retrieval"], label="test retrieval", full=False))

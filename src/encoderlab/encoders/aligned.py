@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..atomic import _UMASK, atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_dir, atomic_write_bytes, atomic_write_json
 from ..errors import EncoderlabError
 from ..hashing import json_digest
 from .base import Encoder, FeatureSource, Modality, state_dict_digest
-from .local import LOCAL_KINDS
+from .local import register_local_kind
 
 KIND = "aligned"
 FORMAT_VERSION = 1
@@ -109,8 +108,9 @@ def resolve_spec(spec: str, model_dir: Path) -> str:
     return "local:" + os.path.normpath(model_dir / target)
 
 
-def save_aligned(out_dir: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write config + weights into a temporary sibling directory, then rename it into place.
+def save_aligned(out_dir: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                 extra_json: Mapping[str, Any] | None = None) -> Path:
+    """Write config + weights (+ ``extra_json`` files: name -> JSON document) into ``out_dir`` atomically.
 
     A reader never sees a half-written model; a previous aligned model at ``out_dir`` is swapped out, then removed.
     """
@@ -118,30 +118,27 @@ def save_aligned(out_dir: str | os.PathLike, config: dict[str, Any], tensors: di
 
     out = Path(out_dir)
     check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    old: Path | None = None
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 directories
-        weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    with atomic_dir(out) as tmp:
         atomic_write_bytes(tmp / WEIGHTS_NAME, st_save(weights, metadata={"format": "pt", "kind": KIND}))
         atomic_write_json(tmp / CONFIG_NAME, config)
-        if out.is_dir():
-            if any(out.iterdir()):
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-            else:
-                out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)  # put the previous model back
-            old = None
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        for name, doc in (extra_json or {}).items():
+            atomic_write_json(tmp / name, doc)
     return out
+
+
+def load_heads(path: str | os.PathLike, config: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
+    """The saved heads of an aligned model (eval mode, frozen, CPU), built from the dims its config records."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(path) / WEIGHTS_NAME))
+    heads: dict[str, torch.nn.Module] = {}
+    for modality, d_in in config["input_dims"].items():
+        state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(modality + ".")}
+        head = build_head(config["head"], int(d_in), int(config["dim"]), device="meta")  # no random init
+        head.load_state_dict(state, assign=True)
+        heads[modality] = head.eval().requires_grad_(False)
+    return heads
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -252,7 +249,8 @@ class AlignedDualEncoder(Encoder):
 
 
 def load_aligned(path: str | os.PathLike, *, device: torch.device, precision: str) -> Encoder:
+    """``local:DIR`` loader for kind "aligned"."""
     return AlignedDualEncoder(path, device=device, precision=precision)
 
 
-LOCAL_KINDS[KIND] = load_aligned
+register_local_kind(KIND, load_aligned, description="two frozen towers + projection heads trained by align")

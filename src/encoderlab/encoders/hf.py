@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from ..errors import EncoderlabError, close_matches
 from ..hashing import json_digest
 from .base import Encoder, ScoreKind, inference_context, l2_normalize, state_dict_digest
 from .registry import register_prefix
+from .trainable import ParameterGroups, TowerLayout, TowerModule, layout_groups, load_trainable_state, trainable_state
 
 # ---- family tables -------------------------------------------------------------------------------------
 
@@ -44,6 +45,32 @@ DUAL_FAMILIES: dict[str, DualFamily] = {
     "clip": DualFamily(score_kind="softmax", padding="longest"),
     "siglip": DualFamily(score_kind="sigmoid", padding="max_length", use_attention_mask=False),
     "align": DualFamily(score_kind="softmax", padding="longest", max_length=64),  # AlignProcessor's max_length
+}
+
+
+def _layout(embeddings: tuple[str, ...], blocks: str, *after: tuple[str, tuple[str, ...]]) -> TowerLayout:
+    return TowerLayout(before=(("embeddings", embeddings),), blocks=blocks, after=after)
+
+
+#: where each family's towers live in the transformers model, input -> output (the trainable contract's groups)
+DUAL_LAYOUTS: dict[str, dict[str, TowerLayout]] = {
+    "clip": {
+        "image": _layout(("vision_model.embeddings", "vision_model.pre_layrnorm"), "vision_model.encoder.layers",
+                         ("final_norm", ("vision_model.post_layernorm",)), ("projection", ("visual_projection",))),
+        "text": _layout(("text_model.embeddings",), "text_model.encoder.layers",
+                        ("final_norm", ("text_model.final_layer_norm",)), ("projection", ("text_projection",))),
+    },
+    "siglip": {  # SigLIP's "head"s are its projections: attention pooling (image), a linear layer (text)
+        "image": _layout(("vision_model.embeddings",), "vision_model.encoder.layers",
+                         ("final_norm", ("vision_model.post_layernorm",)), ("projection", ("vision_model.head",))),
+        "text": _layout(("text_model.embeddings",), "text_model.encoder.layers",
+                        ("final_norm", ("text_model.final_layer_norm",)), ("projection", ("text_model.head",))),
+    },
+    "align": {  # EfficientNet image features are pooled without a projection; BERT's pooler is unused
+        "image": _layout(("vision_model.embeddings",), "vision_model.encoder.blocks"),
+        "text": _layout(("text_model.embeddings",), "text_model.encoder.layer",
+                        ("pooler", ("text_model.pooler",)), ("projection", ("text_projection",))),
+    },
 }
 
 #: model types whose image input is not a fixed-size [C,H,W] tensor, with what to use instead
@@ -392,6 +419,42 @@ class HFDualEncoder(_HFEncoder):
             "tokenizer": self.tokenization.config(),
             "pooling": "model",  # get_image_features / get_text_features: the family's own projection
         }
+
+    # ---- the trainable contract (encoders.trainable): the same features, with gradients ---------------------
+    def tower_layout(self, tower: str) -> TowerLayout:
+        """Where the ``tower`` ("image" / "text") parameters live in this family's model."""
+        if tower not in self.modalities:
+            raise EncoderlabError(f"unknown tower {tower!r} of {self.spec!r}", "use image or text")
+        return DUAL_LAYOUTS[self.model_type][tower]
+
+    def image_module(self) -> TowerModule:
+        """Pixel values -> ``get_image_features``, as in ``encode_pixels`` but fp32 and with gradients."""
+
+        def features(pixel_values: torch.Tensor) -> torch.Tensor:
+            return _as_tensor(self.model.get_image_features(pixel_values=self._pixels(pixel_values)))
+
+        return TowerModule(self.model, self.tower_layout("image"), features, on_train=self._weights_changed)
+
+    def text_module(self) -> TowerModule:
+        """``tokenize`` dict -> ``get_text_features``, as in ``encode_text_batch`` but with gradients."""
+
+        def features(tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return _as_tensor(self.model.get_text_features(**self._to_device(dict(tokens))))
+
+        return TowerModule(self.model, self.tower_layout("text"), features, on_train=self._weights_changed)
+
+    def parameter_groups(self, tower: str) -> ParameterGroups:
+        return layout_groups(self.model, self.tower_layout(tower), what=self.spec)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.model)
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, state, what=self.spec)
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        self._parts = None  # the weight digest is recomputed on the next fingerprint
 
 
 def _dual_family(model_id: str, config: Any) -> DualFamily:

@@ -2,38 +2,59 @@
 
 A directory saved by transformers (``config.json``) loads through the ``hf:`` adapter, so ``local:`` and ``hf:`` agree
 on the same directory. Directories written by encoderlab itself (``encoderlab.json``) are dispatched to the adapter
-named in that file.
+named in that file: every such kind registers a loader with ``register_local_kind`` (aligned heads today;
+fine-tuned and prompt-learned models the same way).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import EncoderlabError
+from ..registry import Registry
 from .base import Encoder
 from .registry import register_prefix
 
-#: kind name in ``encoderlab.json`` -> loader(path, device, precision)
-LOCAL_KINDS: dict[str, object] = {}
+LocalLoader = Callable[..., Encoder]  # loader(path: Path, *, device: torch.device, precision: str) -> Encoder
+
+
+@dataclass(frozen=True)
+class LocalKind:
+    """How to load one kind of encoderlab model directory."""
+
+    name: str
+    loader: LocalLoader
+    description: str
+
+
+#: kind name in ``encoderlab.json`` -> its loader; the builtin kinds register when their module is imported
+LOCAL_KINDS: Registry[LocalKind] = Registry("saved model kind", builtins=("encoderlab.encoders.aligned",))
+
+
+def register_local_kind(kind: str, loader: LocalLoader, *, description: str) -> LocalKind:
+    """Make directories whose ``encoderlab.json`` names ``kind`` load as ``local:DIR`` through ``loader``."""
+    return LOCAL_KINDS.register(kind, LocalKind(kind, loader, description))
 
 
 def load_local(target: str, *, device: torch.device, precision: str) -> Encoder:
+    """``local:DIR``: an encoderlab model directory by its kind, or a transformers directory through ``hf:``."""
     path = Path(target).expanduser()
     if not path.is_dir():
         raise EncoderlabError(f"local model directory {str(path)!r} does not exist", "pass a directory path")
     own = path / "encoderlab.json"
     if own.exists():
         kind = json.loads(own.read_text()).get("kind")
-        loader = LOCAL_KINDS.get(kind)
-        if loader is None:
+        if not isinstance(kind, str) or kind not in LOCAL_KINDS:
             raise EncoderlabError(
                 f"{own} names model kind {kind!r}, which this encoderlab does not know",
-                f"known kinds: {', '.join(sorted(LOCAL_KINDS)) or 'none'}; upgrade encoderlab",
+                f"known kinds: {', '.join(LOCAL_KINDS.names()) or 'none'}; upgrade encoderlab",
             )
-        return loader(path, device=device, precision=precision)  # type: ignore[operator]
+        return LOCAL_KINDS.get(kind).loader(path, device=device, precision=precision)
     if (path / "config.json").exists():
         from .hf import load_hf
 

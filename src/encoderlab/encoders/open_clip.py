@@ -12,6 +12,7 @@ eval pipeline (resize with truncated long side, center crop, or the keep-ratio r
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..errors import EncoderlabError, close_matches
 from .base import Encoder, ImageTransform, inference_context, l2_normalize, state_dict_digest
 from .hf import hub_errors
 from .registry import register_prefix
+from .trainable import ParameterGroups, TowerLayout, TowerModule, layout_groups, load_trainable_state, trainable_state
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -161,9 +163,9 @@ class OpenClipEncoder(Encoder):
         self.text_max_length = int(getattr(self.tokenizer, "context_length", 77))  # pads every text to it
         self.embed_dim = int(self.encode_text_batch(["a"]).shape[-1])
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids exactly as open_clip's tokenizer makes them (padded to its context length)."""
-        return self.tokenizer(list(texts))
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """``{"input_ids": ids}`` exactly as open_clip's tokenizer makes them (padded to its context length)."""
+        return {"input_ids": self.tokenizer(list(texts))}
 
     def image_transform(self) -> ImageTransform | KeepRatioTransform:
         return self._transform
@@ -176,7 +178,7 @@ class OpenClipEncoder(Encoder):
         return l2_normalize(out) if normalize else out
 
     def encode_text_batch(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenize(texts).to(self.device)
+        ids = self.tokenize(texts)["input_ids"].to(self.device)
         with inference_context(self.device, self.precision):
             out = self.model.encode_text(ids, normalize=False)
         return out.float().cpu()
@@ -192,6 +194,64 @@ class OpenClipEncoder(Encoder):
             "tokenizer": {"class": type(self.tokenizer).__name__, "context_length": self.text_max_length},
             "pooling": "model",
         }
+
+
+    # ---- the trainable contract (encoders.trainable): the same features, with gradients ---------------------
+    def tower_layout(self, tower: str) -> TowerLayout:
+        """Where the ``tower`` ("image" / "text") parameters live: open_clip's ViT image and text transformers."""
+        if tower not in self.modalities:
+            raise EncoderlabError(f"unknown tower {tower!r} of {self.spec!r}", "use image or text")
+        return open_clip_layout(self.model, tower, self.spec)
+
+    def image_module(self) -> TowerModule:
+        """Pixel values -> ``encode_image(normalize=False)``, as in ``encode_pixels`` but fp32 with gradients."""
+
+        def features(pixel_values: torch.Tensor) -> torch.Tensor:
+            x = pixel_values.to(self.device, dtype=torch.float32, non_blocking=True)
+            return self.model.encode_image(x, normalize=False)
+
+        return TowerModule(self.model, self.tower_layout("image"), features, on_train=self._weights_changed)
+
+    def text_module(self) -> TowerModule:
+        """``tokenize`` dict -> ``encode_text(normalize=False)``, with gradients."""
+
+        def features(tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return self.model.encode_text(tokens["input_ids"].to(self.device), normalize=False)
+
+        return TowerModule(self.model, self.tower_layout("text"), features, on_train=self._weights_changed)
+
+    def parameter_groups(self, tower: str) -> ParameterGroups:
+        return layout_groups(self.model, self.tower_layout(tower), what=self.spec)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.model)
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, state, what=self.spec)
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        self._weights_digest = None  # recomputed on the next fingerprint
+
+
+def open_clip_layout(model: torch.nn.Module, tower: str, spec: str = "open_clip model") -> TowerLayout:
+    """The layout of open_clip's ViT towers (``CLIP``: text at the top level; ``CustomTextCLIP``: under ``text``)."""
+    names = [n for n, _ in model.named_parameters()]
+    if tower == "image":
+        if not any(n.startswith("visual.transformer.resblocks.") for n in names):
+            raise EncoderlabError(f"{spec}: only open_clip ViT image towers are trainable here",
+                                  "use a ViT architecture (e.g. ViT-B-32) or an hf: dual encoder")
+        v = "visual."
+        return TowerLayout(
+            before=(("embeddings", tuple(v + p for p in ("conv1", "class_embedding", "positional_embedding",
+                                                         "ln_pre"))),),
+            blocks=v + "transformer.resblocks",
+            after=(("pool", (v + "attn_pool",)), ("final_norm", (v + "ln_post",)), ("projection", (v + "proj",))),
+        )
+    t = "text." if any(n.startswith("text.") for n in names) else ""
+    return TowerLayout(before=(("embeddings", (t + "token_embedding", t + "positional_embedding")),),
+                       blocks=t + "transformer.resblocks",
+                       after=(("final_norm", (t + "ln_final",)), ("projection", (t + "text_projection",))))
 
 
 def _create_model(open_clip: Any, model_name: str, pretrained: str | None) -> torch.nn.Module:

@@ -3,11 +3,13 @@
 - ``extract_images`` / ``extract_texts``: encode what the store lacks (``loop``);
 - ``embed_dataset``: every modality a dataset and encoder share, with a summary (``embed``);
 - ``image_embeddings`` / ``text_embeddings`` / ``caption_pairs``: arrays from the store (``embeddings``);
-- ``labelled_embeddings``: one dataset's embeddings with labels and splits, for every classification rung.
+- ``labelled_embeddings``: one dataset's embeddings with labels and splits, for every classification rung;
+- ``export_embeddings``: a dataset's embeddings out of the store, to parquet or .npy + parquet.
 """
 
 from .embed import choose_modalities, embed_dataset
 from .embeddings import ImageEmbeddings, caption_pairs, image_embeddings, text_embeddings
+from .export import export_embeddings
 from .labelled import LabelledEmbeddings, labelled_embeddings
 from .loop import (
     ExtractResult,
@@ -30,6 +32,7 @@ __all__ = [
     "default_num_workers",
     "embed_dataset",
     "encode_with_backoff",
+    "export_embeddings",
     "extract_images",
     "extract_texts",
     "image_embeddings",

@@ -60,9 +60,12 @@ def embed_dataset(
     max_pixels: int | None = None,
     strict: bool = False,
     progress: bool = True,
+    commit_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Embed ``dataset`` into ``store``; returns a JSON-able summary (counts, skips with reasons, speed).
 
+    ``commit_seconds``: a shard is committed at least this often (None: ``$ENCODERLAB_COMMIT_SECONDS`` or 30 s),
+    so an interrupted run loses at most that much work.
     ``strict`` fails on the first unusable file, before any encoding when the listing already skipped some.
     ``summary["results"]`` holds the per-modality ``ExtractResult`` objects (not JSON; dropped by ``to_json``).
     """
@@ -73,9 +76,11 @@ def embed_dataset(
     for m in modalities:
         if m == "image":
             results.append(extract_images(encoder, dataset, store, batch_size=batch_size, num_workers=num_workers,
-                                          max_pixels=max_pixels, progress=progress, strict=strict))
+                                          max_pixels=max_pixels, progress=progress, strict=strict,
+                                          commit_seconds=commit_seconds))
         else:
-            results.append(extract_texts(encoder, dataset, store, batch_size=batch_size, progress=progress))
+            results.append(extract_texts(encoder, dataset, store, batch_size=batch_size, progress=progress,
+                                         commit_seconds=commit_seconds))
     return embed_summary(encoder, dataset, store, results)
 
 

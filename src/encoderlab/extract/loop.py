@@ -2,8 +2,10 @@
 
 Images are decoded and resized in DataLoader worker processes while the model runs on the previous batch; items
 are keyed by content, so only what the store lacks is computed. Memory stays bounded: batches stream through and
-the store writer flushes a shard every ``shard_size`` rows. Bad images are skipped and reported by path and reason
-(``strict=True`` turns any skip into an error); a CUDA out-of-memory error halves the batch and retries.
+the store writer flushes a shard every ``shard_size`` rows or ``commit_seconds`` (None: the store's default, see
+``store.writer.COMMIT_SECONDS``), so a killed run keeps all but its last seconds of work. Bad images are skipped
+and reported by path and reason (``strict=True`` turns any skip into an error); a CUDA out-of-memory error halves
+the batch and retries.
 """
 
 from __future__ import annotations
@@ -187,6 +189,7 @@ def extract_images(
     num_workers: int | None = None,
     max_pixels: int | None = None,
     shard_size: int = 4096,
+    commit_seconds: float | None = None,
     progress: bool = True,
     strict: bool = False,
 ) -> ExtractResult:
@@ -196,8 +199,9 @@ def extract_images(
     source = encoder.feature_source("image")
     if source is not None:
         base = extract_images(source.base, dataset, store, batch_size=batch_size, num_workers=num_workers,
-                              max_pixels=max_pixels, shard_size=shard_size, progress=progress, strict=strict)
-        return _derive(encoder, "image", source, base, store, shard_size, t0)
+                              max_pixels=max_pixels, shard_size=shard_size, commit_seconds=commit_seconds,
+                              progress=progress, strict=strict)
+        return _derive(encoder, "image", source, base, store, shard_size, t0, commit_seconds=commit_seconds)
     space = space_for(store, encoder, "image")
     paths = list(dataset.table["image"])
     if all(p is None for p in paths):
@@ -231,7 +235,10 @@ def extract_images(
         else:
             loader = _threaded_batches(decode, bs)
         failed: set[str] = set()
-        with space.writer(shard_size=shard_size) as writer, progress_bar(len(items), "img", progress) as bar:
+        with (
+            space.writer(shard_size=shard_size, commit_seconds=commit_seconds) as writer,
+            progress_bar(len(items), "img", progress) as bar,
+        ):
             for batch_keys, pixels, bad in loader:
                 for key, b in bad:
                     if strict:
@@ -260,6 +267,7 @@ def extract_texts(
     *,
     batch_size: int | None = None,
     shard_size: int = 4096,
+    commit_seconds: float | None = None,
     progress: bool = True,
 ) -> ExtractResult:
     """Embed every distinct text (all captions of all rows) that the store lacks.
@@ -270,13 +278,14 @@ def extract_texts(
     t0 = time.perf_counter()
     source = encoder.feature_source("text")
     if source is not None:
-        base = extract_texts(source.base, dataset, store, batch_size=batch_size, shard_size=shard_size, progress=progress)
+        base = extract_texts(source.base, dataset, store, batch_size=batch_size, shard_size=shard_size,
+                             commit_seconds=commit_seconds, progress=progress)
         if isinstance(dataset, Dataset):
             per_row = [list(t) if t is not None else [] for t in dataset.table["texts"]]
         else:
             per_row = [[t] for t in dataset]
         every = list(dict.fromkeys(text_key(t) for row in per_row for t in row))
-        return _derive(encoder, "text", source, base, store, shard_size, t0, every)
+        return _derive(encoder, "text", source, base, store, shard_size, t0, every, commit_seconds=commit_seconds)
     space = space_for(store, encoder, "text")
     if isinstance(dataset, Dataset):
         per_row = [list(t) if t is not None else [] for t in dataset.table["texts"]]
@@ -293,7 +302,10 @@ def extract_texts(
     if texts:
         bs = batch_size or default_batch_size(encoder, "text")
         texts.sort(key=len)  # similar lengths per batch: least padding
-        with space.writer(shard_size=shard_size) as writer, progress_bar(len(texts), "text", progress) as bar:
+        with (
+            space.writer(shard_size=shard_size, commit_seconds=commit_seconds) as writer,
+            progress_bar(len(texts), "text", progress) as bar,
+        ):
             for start in range(0, len(texts), bs):
                 chunk = texts[start : start + bs]
                 emb = encode_with_backoff(lambda b: encoder.encode_texts(b, batch_size=len(b)), chunk)
@@ -314,6 +326,7 @@ def _derive(
     shard_size: int,
     t0: float,
     all_keys: Sequence[str] | None = None,
+    commit_seconds: float | None = None,
 ) -> ExtractResult:
     """Embeddings of an encoder that is a head on another encoder's features: read the base space, apply the head.
 
@@ -327,7 +340,7 @@ def _derive(
     result = ExtractResult(modality, base.items, 0, len(wanted) - len(todo), list(base.skipped),
                            keys=list(base.keys), fingerprint=space.fingerprint)
     if todo:
-        with space.writer(shard_size=shard_size) as writer, torch.inference_mode():
+        with space.writer(shard_size=shard_size, commit_seconds=commit_seconds) as writer, torch.inference_mode():
             for start in range(0, len(todo), shard_size):
                 chunk = todo[start : start + shard_size]
                 feats = torch.from_numpy(np.ascontiguousarray(base_space.get(chunk)))

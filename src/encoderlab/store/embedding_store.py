@@ -21,6 +21,8 @@ renamed file is not recomputed.
   same in every process.
 - Integrity: on its first read in a process a shard's size, npy header and sha256 must match its sidecar,
   else ``CorruptStoreError`` names the file and the fix; ``verify()`` / ``repair()`` check or remove shards.
+- Commits by time: a writer also commits every ``commit_seconds`` (default ``writer.COMMIT_SECONDS``), so
+  ``compact()`` merges the short shards this leaves, keeping every key and value at every moment (``compact``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 
 from ..atomic import atomic_open
 from ..errors import CorruptStoreError, EncoderlabError
+from . import compact as _compact
 from . import shards as _shards
 from .key_index import KeyIndex, encode_query, key_list, load_cache, save_cache
 from .shards import ShardRecord
@@ -60,6 +63,10 @@ def _repair_fix(sidecar: Path) -> str:
         f"delete it and its sidecar {sidecar} (encoderlab will recompute those items), "
         "or run `encoderlab store verify --repair` / EmbeddingSpace.repair()"
     )
+
+
+class ShardRemovedError(CorruptStoreError):
+    """A shard this space's index lists was removed (by compaction or repair elsewhere): refresh and retry."""
 
 
 class MissingEmbeddingsError(EncoderlabError, KeyError):
@@ -264,11 +271,29 @@ class EmbeddingSpace:
 
     def register_shard(self, rec: ShardRecord, keys: np.ndarray) -> None:
         """Add a shard this process just committed to the in-memory index (no sidecar re-read)."""
+        self.register_shards([rec], [keys])
+
+    def register_shards(self, recs: list[ShardRecord], keys: list[np.ndarray]) -> None:
+        """Add shards this process just committed to the in-memory index in one step (compaction adds many)."""
         with self._lock:
             if self._index is None:
                 self._read_index(full=True)
-            else:
-                self._index = self._index.added([rec], [keys])
+            elif recs:
+                self._index = self._index.added(list(recs), list(keys))
+
+    def index(self) -> KeyIndex:
+        """The key index as last read (``refresh()`` first to see other writers' shards); never mutated."""
+        return self._load()
+
+    def shard_records(self) -> list[ShardRecord]:
+        """The committed shards in read order, as last read."""
+        return list(self._load().shards)
+
+    def forget(self) -> None:
+        """Drop the in-memory index and memory maps: the next access re-reads the shards on disk."""
+        with self._lock:
+            self._index = None
+            self._maps.clear()
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -316,6 +341,15 @@ class EmbeddingSpace:
         Rows are gathered shard by shard from memory maps, so memory is O(len(keys) * dim).
         """
         keys = key_list(keys)
+        try:
+            return self._get(keys)
+        except ShardRemovedError:
+            # Compacted (or repaired) by another process since this space was read: every key is still held,
+            # now by other shards, so one re-read of the sidecars is enough.
+            self.refresh()
+            return self._get(keys)
+
+    def _get(self, keys: list[str]) -> np.ndarray:
         q = encode_query(keys)
         idx = self._load()
         shard, row = idx.lookup(q)
@@ -341,6 +375,10 @@ class EmbeddingSpace:
             out[part] = self._open_shard(rec)[row[part]]
         return out
 
+    def open_rows(self, rec: ShardRecord) -> np.ndarray:
+        """The rows of one committed shard in its stored dtype (read-only memory map, verified on first use)."""
+        return self._open_shard(rec)
+
     def _open_shard(self, rec: ShardRecord) -> np.ndarray:
         """Memory map of a shard, refused with CorruptStoreError unless it matches its sidecar."""
         with self._lock:
@@ -360,27 +398,36 @@ class EmbeddingSpace:
         if not verified:
             problem = _shards.check_shard(self.shards_dir, rec, deep=self.checksum_on_read)
             if problem is not None:
-                if problem[0] == "missing-npy" and not sidecar.exists():
-                    raise CorruptStoreError(
-                        f"shard {path} was removed since embedding space {self.fingerprint} was read",
-                        "call refresh() on the space and retry",
-                    )
+                if not sidecar.exists():  # removed (sidecar first), possibly while it was being checked
+                    raise self._removed(path)
                 raise CorruptStoreError(f"embedding shard {path} is corrupt: {problem[1]}", _repair_fix(sidecar))
             if self.checksum_on_read and ident is not None:
                 with _VERIFIED_LOCK:
                     _VERIFIED.add(ident)
-        mm = _map_rows(path, rec)
+        try:
+            mm = _map_rows(path, rec)
+        except FileNotFoundError:
+            raise self._removed(path) from None
         with self._lock:
             self._maps[rec.name] = mm
             while len(self._maps) > OPEN_SHARDS:
                 self._maps.popitem(last=False)
         return mm
 
+    def _removed(self, path: Path) -> ShardRemovedError:
+        return ShardRemovedError(
+            f"shard {path} was removed since embedding space {self.fingerprint} was read",
+            "call refresh() on the space and retry",
+        )
+
     # ----------------------------------------------------------------------------------------- writes
 
-    def writer(self, shard_size: int = 4096, dtype: str = "float32") -> ShardWriter:
-        """A context manager that buffers rows and commits a shard every ``shard_size`` rows."""
-        return ShardWriter(self, shard_size=shard_size, dtype=dtype)
+    def writer(
+        self, shard_size: int = 4096, dtype: str = "float32", commit_seconds: float | None = None
+    ) -> ShardWriter:
+        """A context manager that buffers rows and commits a shard every ``shard_size`` rows or ``commit_seconds``
+        (None: ``$ENCODERLAB_COMMIT_SECONDS``, else ``writer.COMMIT_SECONDS``), whichever comes first."""
+        return ShardWriter(self, shard_size=shard_size, dtype=dtype, commit_seconds=commit_seconds)
 
     def put(self, keys: Sequence[str], array: Any, dtype: str = "float32") -> int:
         """Store ``array`` rows under ``keys`` (keys already stored are skipped); returns rows written."""
@@ -453,6 +500,23 @@ class EmbeddingSpace:
             self._index = None
             self._maps.clear()
         return removed
+
+    def compact(self, min_rows: int = _compact.COMPACT_MIN_ROWS) -> dict[str, Any]:
+        """Merge shards of fewer than ``min_rows`` rows into shards of about ``min_rows``; keys and values stay.
+
+        Safe against a crash at any point and against concurrent readers and writers (see ``store.compact``).
+        Returns ``merged`` (old shards rewritten), ``into`` (new shards), ``removed_dead`` (shards whose every key
+        was read from an earlier shard), ``rows``, ``shards_before``, ``shards_after`` and ``busy`` (another
+        process was compacting, nothing done). A corrupt shard stops it with ``CorruptStoreError``: repair first.
+        """
+        with self._lock:
+            try:
+                return _compact.compact(self, min_rows)
+            except OSError as e:
+                raise EncoderlabError(
+                    f"cannot compact embedding space {self.path}: {e}",
+                    "compaction rewrites shards: run it where the store is writable and has free space",
+                ) from None
 
     def clean_orphans(self) -> list[str]:
         """Delete files left by writers that were killed mid-write (writers call this when they start)."""

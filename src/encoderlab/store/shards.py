@@ -38,6 +38,10 @@ _NAME_RE = re.compile(r"^shard-(\d{6,})-([0-9a-f]{6})-(\d+)-([0-9a-f]{8})$")
 # atomic_open's temp files are ".<target name>.<random>.tmp"
 _TMP_RE = re.compile(r"^\.(shard-\d{6,}-[0-9a-f]{6}-\d+-[0-9a-f]{8})\.(?:npy|json)\.[^.]*\.tmp$")
 _CHUNK = 1 << 20
+# Shards written by compaction carry this host tag and pid (no process has pid 0) and tokens counting down from
+# ffffffff: a merged shard sorts before every other shard of its sequence number, the place compaction relies on
+# (see ``store.compact``). Their uncommitted files are only ever deleted by the holder of the compaction lock.
+MERGED_HOST, MERGED_PID = "000000", 0
 
 
 def host_tag() -> str:
@@ -48,6 +52,22 @@ def host_tag() -> str:
 def new_shard_name(seq: int) -> str:
     """A shard name no other writer (process, thread or host) can produce."""
     return f"shard-{seq:06d}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def merged_shard_name(seq: int, taken: set[str]) -> str:
+    """The name of a merged shard of sequence ``seq`` that sorts before every name in ``taken`` with that sequence."""
+    prefix = f"shard-{seq:06d}-{MERGED_HOST}-{MERGED_PID}-"
+    tokens = [int(n[len(prefix) :], 16) for n in taken if n.startswith(prefix)]
+    token = min(tokens, default=1 << 32) - 1
+    if token < 0:  # pragma: no cover - 2**32 compactions of one sequence number
+        raise EncoderlabError(f"no merged shard name left for sequence {seq}", "leave these shards as they are")
+    return f"{prefix}{token:08x}"
+
+
+def is_merged_name(name: str) -> bool:
+    """Whether a shard name (no extension) is one that compaction wrote."""
+    m = _NAME_RE.match(name)
+    return bool(m) and m.group(2) == MERGED_HOST and m.group(3) == str(MERGED_PID)
 
 
 def shard_seq(name: str) -> int:
@@ -365,6 +385,26 @@ def find_orphans(directory: Path) -> list[dict[str, Any]]:
             }
         )
     return found
+
+
+def _base_name(file_name: str) -> str:
+    """The shard name an uncommitted file belongs to (a temp file or an ``.npy`` without sidecar)."""
+    m = _TMP_RE.match(file_name)
+    if m:
+        return m.group(1)
+    return file_name[:-4] if file_name.endswith(".npy") else file_name
+
+
+def remove_merged_orphans(directory: Path) -> list[str]:
+    """Delete uncommitted files of merged shards (a compaction that was killed); call only holding the compaction
+    lock, which is what makes their writer certainly gone."""
+    removed = []
+    for o in find_orphans(directory):
+        if is_merged_name(_base_name(o["shard"])):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(o["path"])
+                removed.append(o["path"])
+    return removed
 
 
 def remove_orphans(directory: Path) -> list[str]:

@@ -1,7 +1,14 @@
-"""ShardWriter: buffers embeddings and commits them to a space as shards of a fixed number of rows."""
+"""ShardWriter: buffers embeddings and commits them to a space as a shard every N rows or every T seconds.
+
+The time limit bounds what a ``kill -9`` can lose: without it a slow encoder (a CPU at ~60 images/s) fills a
+4096-row shard in over a minute, and a small dataset is committed only at the very end.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import time
 import warnings
 from collections.abc import Sequence
 from types import TracebackType
@@ -17,22 +24,72 @@ from .shards import ShardRecord
 if TYPE_CHECKING:
     from .embedding_store import EmbeddingSpace
 
+# Buffered rows are committed once the oldest of them is this old (checked when a batch is added): a killed
+# extraction loses at most this much work plus one batch. 30 s of rows is a shard of a few hundred to a few
+# thousand rows on a CPU; the shard count this adds is kept down by compaction (see ``compact``).
+COMMIT_SECONDS = 30.0
+COMMIT_SECONDS_ENV = "ENCODERLAB_COMMIT_SECONDS"
+# A writer that committed by time compacts the space on close once it holds this many shards under
+# ``shard_size`` rows (see ShardWriter.close).
+AUTO_COMPACT_SHARDS = 8
+
+
+def default_commit_seconds() -> float:
+    """The commit interval: ``$ENCODERLAB_COMMIT_SECONDS`` when set, else ``COMMIT_SECONDS`` (the one place read)."""
+    raw = os.environ.get(COMMIT_SECONDS_ENV, "").strip()
+    if not raw:
+        return COMMIT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0:  # also refuses NaN
+        raise EncoderlabError(
+            f"{COMMIT_SECONDS_ENV}={raw!r} is not a positive number of seconds",
+            f"set it to e.g. 30 (or inf to commit only every shard_size rows), or unset it for {COMMIT_SECONDS:g}",
+        )
+    return value
+
+
+def check_commit_seconds(value: float | None) -> float:
+    """``value`` as a positive float (None: the default); the error names the bad value."""
+    if value is None:
+        return default_commit_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise EncoderlabError(
+            f"commit_seconds must be a positive number of seconds, got {value!r}",
+            f"pass e.g. 30 (math.inf commits only every shard_size rows), or None for the default {COMMIT_SECONDS:g}",
+        )
+    return float(value)
+
 
 class ShardWriter:
-    """Buffers (keys, rows) and commits them as shards of ``shard_size`` rows; use as a context manager.
+    """Buffers (keys, rows) and commits them as shards; use as a context manager.
 
+    A shard is committed when ``shard_size`` rows are buffered, or when the oldest buffered row has waited
+    ``commit_seconds`` (None: ``$ENCODERLAB_COMMIT_SECONDS``, else ``COMMIT_SECONDS``), whichever comes first.
     Keys already in the space, or already added to this writer, are skipped (content keys name the same
     embedding), so a resumed extraction can re-add a batch safely. On exit the remaining rows are committed,
     also when the block raised: what was computed is kept.
     """
 
-    def __init__(self, space: EmbeddingSpace, shard_size: int = 4096, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        space: EmbeddingSpace,
+        shard_size: int = 4096,
+        dtype: str = "float32",
+        commit_seconds: float | None = None,
+    ) -> None:
         if not isinstance(shard_size, int) or shard_size < 1:
             raise EncoderlabError(f"shard_size must be a positive integer, got {shard_size!r}")
         if dtype not in _shards.SUPPORTED_DTYPES:
             raise EncoderlabError(f"unsupported embedding dtype {dtype!r}", f"use one of {_shards.SUPPORTED_DTYPES}")
         self.space = space
         self.shard_size = shard_size
+        self.commit_seconds = check_commit_seconds(commit_seconds)
+        self.timed_commits = 0  # shards committed because rows waited commit_seconds (short shards)
+        self.compaction: dict[str, Any] | None = None  # what close() compacted, if anything
+        self._first_buffered: float | None = None  # time.monotonic() when the oldest buffered row came in
         self.dtype = np.dtype(dtype)
         self.rows_written = 0
         self.rows_skipped = 0
@@ -56,7 +113,7 @@ class ShardWriter:
             self.close()
             return
         try:
-            self.close()
+            self.close(compact=False)  # after an error (or Ctrl-C) only save the rows, do no extra work
         except Exception as e:  # keep the original error; say that the last rows could not be saved
             warnings.warn(f"could not commit the last embeddings after an error: {e}", stacklevel=2)
 
@@ -103,20 +160,42 @@ class ShardWriter:
             self._keys.extend(new_keys)
             self._enc.append(enc[take])
             self._rows.append(np.array(arr[take], dtype=np.float32))
+            if self._first_buffered is None:
+                self._first_buffered = time.monotonic()
         while len(self._keys) >= self.shard_size:
             self._commit(self.shard_size)
+        if self._keys and self._first_buffered is not None:
+            if time.monotonic() - self._first_buffered >= self.commit_seconds:
+                self._commit(len(self._keys))
+                self.timed_commits += 1
         return len(take)
 
     def flush(self) -> ShardRecord | None:
         """Commit everything buffered as one shard now."""
         return self._commit(len(self._keys)) if self._keys else None
 
-    def close(self) -> None:
+    def close(self, compact: bool = True) -> None:
+        """Commit what is buffered; then, if this writer committed short shards by time and the space now holds
+        ``AUTO_COMPACT_SHARDS`` or more shards under ``shard_size`` rows, merge them (``compact=False``: never).
+
+        The compaction only rewrites short shards, is safe for concurrent readers and writers, and a failure is a
+        warning: the rows are committed already.
+        """
         if self._closed:
             return
         self._closed = True
         self.flush()
+        if compact and self.timed_commits:
+            self._auto_compact()
         self.space.save_index_cache()
+
+    def _auto_compact(self) -> None:
+        try:
+            small = sum(1 for s in self.space.shard_records() if s.rows < self.shard_size)
+            if small >= AUTO_COMPACT_SHARDS:
+                self.compaction = self.space.compact(min_rows=self.shard_size)
+        except EncoderlabError as e:  # e.g. a corrupt shard elsewhere in the space: verify/repair reports it
+            warnings.warn(f"skipped compacting embedding space {self.space.fingerprint}: {e}", stacklevel=3)
 
     def _commit(self, n: int) -> ShardRecord:
         rows = np.concatenate(self._rows) if len(self._rows) > 1 else self._rows[0]
@@ -142,6 +221,8 @@ class ShardWriter:
         self._rows = [rows[n:]] if n < len(rows) else []
         self._enc = [enc[n:]] if n < len(enc) else []
         self._buffered.difference_update(keys)
+        # The rows left over (fewer than n) came in after the committed ones; their wait starts now at the latest.
+        self._first_buffered = time.monotonic() if self._keys else None
         self.rows_written += n
         self.shards_written.append(rec.name)
         return rec

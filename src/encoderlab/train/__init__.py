@@ -1,6 +1,20 @@
-"""Training on frozen features: contrastive alignment of two towers (LiT-style heads)."""
+"""Training: one loop (``loop.fit``), lr schedules, contrastive losses, and LiT-style alignment of two towers."""
 
-from .align import AlignResult, align_encoders, evaluate_retrieval, lr_at
+from .align import AlignConfig, AlignResult, align_encoders, evaluate_retrieval
+from .loop import FitResult, LoopSettings, decay_groups, fit
 from .losses import contrastive_targets, symmetric_infonce
+from .schedule import lr_at
 
-__all__ = ["AlignResult", "align_encoders", "contrastive_targets", "evaluate_retrieval", "lr_at", "symmetric_infonce"]
+__all__ = [
+    "AlignConfig",
+    "AlignResult",
+    "FitResult",
+    "LoopSettings",
+    "align_encoders",
+    "contrastive_targets",
+    "decay_groups",
+    "evaluate_retrieval",
+    "fit",
+    "lr_at",
+    "symmetric_infonce",
+]

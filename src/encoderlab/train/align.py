@@ -3,7 +3,8 @@
 The towers never run during training: their embeddings come from the store (computed once, reused by every later
 run), so an epoch over thousands of pairs takes well under a second on a CPU. Heads are selected on validation
 retrieval (mean of image->text and text->image R@1) with early stopping, and saved as a directory that
-``create_encoder("local:DIR")`` loads as a dual encoder (see ``encoders.aligned``).
+``create_encoder("local:DIR")`` loads as a dual encoder (see ``encoders.aligned``). The epoch loop is ``loop.fit``;
+with ``reuse=True`` a model directory trained from the same towers, split and settings is returned untrained.
 
 Head inputs are L2-normalized tower embeddings (``input_normalize=True``) so the head sees the same scale whatever
 the tower. Measured on OpenClipart (efficientnet-lite0 + minilm-l6, val = mean R@1): for the default bias-free linear
@@ -13,7 +14,8 @@ does), while the MLP head did better on raw inputs (0.458 vs 0.434) but stays be
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import json
 import math
 import os
 import time
@@ -33,20 +35,71 @@ from ..encoders.aligned import (
     KIND,
     build_head,
     check_output_dir,
+    is_aligned_dir,
+    load_heads,
     portable_spec,
+    read_config,
     save_aligned,
     tower_fingerprint,
 )
 from ..encoders.base import Encoder, select_device
-from ..errors import EncoderlabError
+from ..errors import EncoderlabError, close_matches
 from ..extract.embeddings import caption_pairs, image_embeddings, text_embeddings
+from ..hashing import json_digest
 from ..metrics.retrieval import retrieval_metrics
 from ..store import EmbeddingStore
+from .loop import FitResult, LoopSettings, decay_groups, fit
 from .losses import contrastive_targets, symmetric_infonce
+from .schedule import check_schedule
 
 INIT_LOGIT_SCALE = 1 / 0.07  # CLIP's initial temperature
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp: a sharper softmax only destabilizes training
 VAL_METRIC = "mean of i2t_R@1 and t2i_R@1"
+REQUEST_NAME = "request.json"  # digest of what the saved model was trained from (see ``request_digest``)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """The settings of one align run; together with the towers and the data split they determine the model."""
+
+    head: Literal["linear", "mlp"] = "linear"
+    dim: int = 256
+    epochs: int = 50
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    patience: int = 5
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    input_normalize: bool = True
+    seed: int = 0
+    shuffle_pairs: bool = False
+
+    @classmethod
+    def merged(cls, base: AlignConfig | None, overrides: dict[str, Any]) -> AlignConfig:
+        """``base`` (or the defaults) with keyword overrides, checked; an unknown name fails with close matches."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in overrides:
+            if key not in names:
+                guess = close_matches(key, names)
+                hint = f"did you mean {', '.join(guess)}? " if guess else ""
+                raise EncoderlabError(f"unknown align setting {key!r}", f"{hint}settings: {', '.join(names)}")
+        cfg = dataclasses.replace(base or cls(), **overrides)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Fail before any work on a value training cannot use, naming it."""
+        if self.head not in HEAD_KINDS:
+            raise EncoderlabError(f"unknown head {self.head!r}", f"use one of {', '.join(HEAD_KINDS)}")
+        check_schedule(self.schedule)
+        for name in ("dim", "epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise EncoderlabError(f"{name} must be a positive integer, got {value!r}", f"pass {name}=1 or more")
+        if self.batch_size < 2:
+            raise EncoderlabError("batch_size must be at least 2 (a contrastive batch needs negatives)",
+                                  "pass batch_size=2 or more")
 
 
 @dataclass
@@ -81,6 +134,7 @@ class AlignResult:
     logit_scale: float
     config: dict[str, Any]
     heads: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
+    up_to_date: bool = False  # True: nothing was trained, this is the record of the model already saved there
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able digest for the CLI and reports."""
@@ -95,16 +149,6 @@ class AlignResult:
             "fit_seconds": round(self.fit_seconds, 3),
             "feature_seconds": round(self.feature_seconds, 3),
         }
-
-
-def lr_at(step: int, total_steps: int, base_lr: float, warmup: int, schedule: str) -> float:
-    """Learning rate of one step: linear warmup, then cosine to zero (or constant); a pure function of the step."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    if schedule == "constant":
-        return base_lr
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def pair_features(
@@ -159,155 +203,164 @@ def align_encoders(
     out_dir: str | os.PathLike,
     *,
     store: EmbeddingStore,
-    head: Literal["linear", "mlp"] = "linear",
-    dim: int = 256,
-    epochs: int = 50,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    weight_decay: float = 0.1,
-    patience: int = 5,
-    warmup_steps: int = 50,
-    schedule: Literal["cosine", "constant"] = "cosine",
-    input_normalize: bool = True,
-    seed: int = 0,
-    shuffle_pairs: bool = False,
+    config: AlignConfig | None = None,
+    reuse: bool = False,
     progress: bool = True,
     device: str = "auto",
     precision: str | None = None,
+    **settings: Any,
 ) -> AlignResult:
     """Train projection heads that map ``vision`` image features and ``text`` text features into one space.
 
     ``train`` / ``val`` are datasets whose rows have an image and captions (``texts``); every caption of a row is a
-    pair. ``shuffle_pairs=True`` is the control: captions are permuted across train images (seeded), so held-out
-    retrieval should fall to chance. The heads of the best val epoch are saved to ``out_dir`` (see
+    pair. Settings come from ``config`` with ``settings`` (``AlignConfig`` field names: ``head=``, ``epochs=``, ...)
+    overriding it. ``shuffle_pairs=True`` is the control: captions are permuted across train images (seeded), so
+    held-out retrieval should fall to chance. The heads of the best val epoch are saved to ``out_dir`` (see
     ``encoders.aligned``); an existing aligned model there is replaced, any other non-empty directory is refused.
+    ``reuse=True``: when ``out_dir`` already holds a model of the same towers, data split and settings, nothing is
+    trained and its record is returned (``up_to_date=True``).
     """
-    from ..encoders.registry import create_encoder
-
-    if head not in HEAD_KINDS:
-        raise EncoderlabError(f"unknown head {head!r}", f"use one of {', '.join(HEAD_KINDS)}")
-    if schedule not in ("cosine", "constant"):
-        raise EncoderlabError(f"unknown schedule {schedule!r}", "use cosine or constant")
-    for name, value in (("dim", dim), ("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
-        if int(value) != value or value < 1:
-            raise EncoderlabError(f"{name} must be a positive integer, got {value!r}")
-    if batch_size < 2:
-        raise EncoderlabError("batch_size must be at least 2 (a contrastive batch needs negatives)")
+    cfg = AlignConfig.merged(config, settings)
     check_output_dir(out_dir)  # fail before any work, not after training
     dev = select_device(device)
-
     t0 = time.perf_counter()
-    towers = {"image": create_encoder(vision, device=str(dev), precision=precision),
-              "text": create_encoder(text, device=str(dev), precision=precision)}
-    towers["image"].check_modality("image")
-    towers["text"].check_modality("text")
-    tr = pair_features(towers["image"], towers["text"], train, store, input_normalize=input_normalize,
-                       progress=progress)
-    va = pair_features(towers["image"], towers["text"], val, store, input_normalize=input_normalize,
-                       progress=progress)
+    towers = _load_towers(vision, text, dev, precision)
+    request = request_digest(towers, train, val, cfg)
+    if reuse and is_up_to_date(out_dir, request):
+        return saved_result(out_dir, feature_seconds=time.perf_counter() - t0)
+    tr, va = (pair_features(towers["image"], towers["text"], ds, store, input_normalize=cfg.input_normalize,
+                            progress=progress) for ds in (train, val))
     feature_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    pair_img = tr.pair_img
-    if shuffle_pairs:
-        # A separate stream, so init and batch order are exactly those of the real run.
-        perm = np.random.default_rng([seed, 1]).permutation(len(tr.images))
-        pair_img = perm[pair_img]
-    n_pairs = len(pair_img)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
-        torch.manual_seed(seed)
-        heads = {"image": build_head(head, tr.images.shape[1], dim), "text": build_head(head, tr.texts.shape[1], dim)}
-    heads = {m: h.to(dev) for m, h in heads.items()}
-    log_scale = torch.nn.Parameter(torch.tensor(math.log(INIT_LOGIT_SCALE), device=dev))
-    params = [p for h in heads.values() for p in h.parameters()]
-    opt = torch.optim.AdamW(
-        [{"params": params, "weight_decay": weight_decay}, {"params": [log_scale], "weight_decay": 0.0}], lr=lr
-    )
-    n_batches = max(1, math.ceil(n_pairs / batch_size))
-    total_steps = epochs * n_batches
-    warmup = min(warmup_steps, total_steps // 10)
-    gen = torch.Generator().manual_seed(seed)
-    tr_img, tr_txt = tr.images.to(dev), tr.texts.to(dev)
-    pi_all, pt_all = torch.from_numpy(pair_img), torch.from_numpy(tr.pair_txt)
-    ids_all = torch.from_numpy(tr.img_ids)
-
-    history: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, Any], dict[str, float], float] | None = None
-    stale, step = 0, 0
-    bar = _epoch_bar(epochs, progress)
-    with small_fit_threads(dev):  # tiny matmuls: one thread is faster and immune to a busy core
-        for epoch in range(1, epochs + 1):
-            te = time.perf_counter()
-            for h in heads.values():
-                h.train()
-            # Near-equal batches (not a small remainder batch) keep the number of negatives per step steady.
-            order = torch.randperm(n_pairs, generator=gen)
-            loss_sum = 0.0
-            for idx in torch.tensor_split(order, n_batches):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total_steps, lr, warmup, schedule)
-                pi, pt = pi_all[idx], pt_all[idx]
-                mask = contrastive_targets(ids_all[pi], pt).to(dev)
-                loss = symmetric_infonce(heads["image"](tr_img[pi.to(dev)]), heads["text"](tr_txt[pt.to(dev)]),
-                                         log_scale.exp(), mask)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():  # CLIP clamps the temperature after each step, not inside the graph
-                    log_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
-                loss_sum += loss.item() * len(idx)
-                step += 1
-            for h in heads.values():
-                h.eval()
-            scale = log_scale.detach().exp().item()
-            zi, zt = _project(heads, va, dev)
-            metrics = retrieval_metrics(zi, zt, va.pair_img, va.pair_txt)
-            val_metric = 0.5 * (metrics["i2t_R@1"] + metrics["t2i_R@1"])
-            record = {
-                "epoch": epoch,
-                "train_loss": loss_sum / n_pairs,
-                "val_loss": _val_loss(heads, va, scale, batch_size, dev),
-                "val_metric": val_metric,
-                "val_i2t_R@1": metrics["i2t_R@1"],
-                "val_t2i_R@1": metrics["t2i_R@1"],
-                "logit_scale": scale,
-                "lr": lr_at(step - 1, total_steps, lr, warmup, schedule),
-                "seconds": time.perf_counter() - te,
-            }
-            history.append(record)
-            if best is None or val_metric > best[0]:
-                state = {m: copy.deepcopy(h.state_dict()) for m, h in heads.items()}
-                best, stale = (val_metric, epoch, state, metrics, scale), 0
-            else:
-                stale += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{val_metric:.3f}", best=best[1])
-            if stale >= patience:
-                break
-        bar.close()
-    assert best is not None
-    val_metric, best_epoch, state, best_metrics, best_scale = best
-    for m, h in heads.items():
-        h.load_state_dict(state[m])
-        h.eval().requires_grad_(False)
+    model, fitted, val_metrics = _train_heads(tr, va, cfg, dev, progress)
     fit_seconds = time.perf_counter() - t1
-
+    best_scale = fitted.history[fitted.best_epoch - 1]["logit_scale"]
     out = os.fspath(out_dir)
-    config = _model_config(vision, text, towers, out, head, dim, input_normalize, best_scale, tr, va, train, val, {
-        "seed": seed, "epochs_max": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
-        "val_metric_name": VAL_METRIC, "val_metric": val_metric,
-        "val": {k: float(v) for k, v in best_metrics.items()},
-        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "patience": patience,
-        "warmup_steps": warmup, "schedule": schedule, "optimizer": "AdamW", "shuffle_pairs": shuffle_pairs,
-        "fit_seconds": round(fit_seconds, 3),
-    })
-    tensors = {f"{m}.{k}": v for m, h in heads.items() for k, v in h.state_dict().items()}
+    hyper = {
+        "seed": cfg.seed, "epochs_max": cfg.epochs, "epochs_run": len(fitted.history), "best_epoch": fitted.best_epoch,
+        "val_metric_name": VAL_METRIC, "val_metric": fitted.best_metric,
+        "val": {k: float(v) for k, v in val_metrics.items()},
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "patience": cfg.patience,
+        "warmup_steps": fitted.warmup_steps, "schedule": cfg.schedule, "optimizer": "AdamW",
+        "shuffle_pairs": cfg.shuffle_pairs, "fit_seconds": round(fit_seconds, 3),
+    }
+    config_json = _model_config(vision, text, towers, out, cfg, best_scale, tr, va, train, val, hyper)
+    tensors = {f"{m}.{k}": v for m, h in model.heads.items() for k, v in h.state_dict().items()}
     tensors["logit_scale"] = torch.tensor(best_scale)
-    save_aligned(out, config, tensors)
+    save_aligned(out, config_json, tensors, extra_json={REQUEST_NAME: {"digest": request}})
     return AlignResult(
-        path=out, best_epoch=best_epoch, epochs_run=len(history), val_metrics=best_metrics, history=history,
-        fit_seconds=fit_seconds, feature_seconds=feature_seconds, logit_scale=best_scale, config=config,
-        trainable_params=sum(p.numel() for p in params) + 1, heads=heads,
+        path=out, best_epoch=fitted.best_epoch, epochs_run=len(fitted.history), val_metrics=val_metrics,
+        history=fitted.history, fit_seconds=fit_seconds, feature_seconds=feature_seconds, logit_scale=best_scale,
+        config=config_json, trainable_params=sum(p.numel() for p in model.parameters()), heads=dict(model.heads),
+    )
+
+
+def _load_towers(vision: str, text: str, device: torch.device, precision: str | None) -> dict[str, Encoder]:
+    """The two frozen towers, each checked to encode its modality."""
+    from ..encoders.registry import create_encoder
+
+    towers = {"image": create_encoder(vision, device=str(device), precision=precision),
+              "text": create_encoder(text, device=str(device), precision=precision)}
+    for modality, tower in towers.items():
+        tower.check_modality(modality)
+    return towers
+
+
+class AlignHeads(torch.nn.Module):
+    """What align trains: one head per tower and the log of the contrastive temperature (CLIP's ``logit_scale``)."""
+
+    def __init__(self, heads: dict[str, torch.nn.Module], init_scale: float) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleDict(heads)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(init_scale)))
+
+    def clamp_scale(self) -> None:
+        """CLIP clamps the temperature after each step, not inside the graph: a sharper softmax only destabilizes."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+
+
+def _train_heads(tr: PairFeatures, va: PairFeatures, cfg: AlignConfig, dev: torch.device, progress: bool
+                 ) -> tuple[AlignHeads, FitResult, dict[str, float]]:
+    """Fit heads on the train pairs with ``loop.fit``; returns them (best epoch loaded), the fit, its val metrics."""
+    pair_img = tr.pair_img
+    if cfg.shuffle_pairs:
+        # A separate stream, so init and batch order are exactly those of the real run.
+        pair_img = np.random.default_rng([cfg.seed, 1]).permutation(len(tr.images))[pair_img]
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        heads = {"image": build_head(cfg.head, tr.images.shape[1], cfg.dim),
+                 "text": build_head(cfg.head, tr.texts.shape[1], cfg.dim)}
+    model = AlignHeads(heads, INIT_LOGIT_SCALE).to(dev)
+    tr_img, tr_txt = tr.images.to(dev), tr.texts.to(dev)
+    pi_all, pt_all, ids_all = torch.from_numpy(pair_img), torch.from_numpy(tr.pair_txt), torch.from_numpy(tr.img_ids)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        pi, pt = pi_all[idx], pt_all[idx]
+        mask = contrastive_targets(ids_all[pi], pt).to(dev)
+        return symmetric_infonce(model.heads["image"](tr_img[pi.to(dev)]), model.heads["text"](tr_txt[pt.to(dev)]),
+                                 model.logit_scale.exp(), mask)
+
+    per_epoch: list[dict[str, float]] = []
+
+    def evaluate() -> tuple[float, dict[str, float]]:
+        scale = model.logit_scale.detach().exp().item()
+        zi, zt = _project(dict(model.heads), va, dev)
+        metrics = retrieval_metrics(zi, zt, va.pair_img, va.pair_txt)
+        per_epoch.append(metrics)
+        val_metric = 0.5 * (metrics["i2t_R@1"] + metrics["t2i_R@1"])
+        return val_metric, {"val_loss": _val_loss(dict(model.heads), va, scale, cfg.batch_size, dev),
+                            "val_metric": val_metric, "val_i2t_R@1": metrics["i2t_R@1"],
+                            "val_t2i_R@1": metrics["t2i_R@1"], "logit_scale": scale}
+
+    settings = LoopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
+                            warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, seed=cfg.seed)
+    groups = decay_groups(model.named_parameters(), cfg.weight_decay)
+    with small_fit_threads(dev):  # tiny matmuls: one thread is faster and immune to a busy core
+        fitted = fit(model, step, len(pair_img), groups, evaluate, settings, after_step=model.clamp_scale,
+                     progress=progress, desc="align")
+    model.eval().requires_grad_(False)
+    return model, fitted, per_epoch[fitted.best_epoch - 1]
+
+
+# ---- reuse: same towers, same split, same settings -> the saved model is up to date ------------------------
+
+
+def request_digest(towers: dict[str, Encoder], train: Dataset, val: Dataset, cfg: AlignConfig) -> str:
+    """Digest of everything an aligned model depends on: tower weights and precision, the data split, settings."""
+
+    def split(ds: Dataset) -> dict[str, Any]:
+        ids = sorted(map(str, ds.table["id"]))
+        return {"source": ds.source, "items": len(ids), "ids": json_digest(ids), "split_info": ds.split_info}
+
+    return json_digest({"towers": {m: tower_fingerprint(t) for m, t in towers.items()},
+                        "precision": towers["image"].precision, "train": split(train), "val": split(val),
+                        "settings": dataclasses.asdict(cfg)})
+
+
+def is_up_to_date(out_dir: str | os.PathLike, request: str) -> bool:
+    """True when ``out_dir`` holds an aligned model whose recorded request digest is ``request``."""
+    stamp = Path(out_dir) / REQUEST_NAME
+    if not (is_aligned_dir(out_dir) and stamp.is_file()):
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("digest") == request
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def saved_result(out_dir: str | os.PathLike, *, feature_seconds: float = 0.0) -> AlignResult:
+    """The record of a saved aligned model (``up_to_date=True``; no per-epoch history is saved)."""
+    out = os.fspath(out_dir)
+    config = read_config(out)
+    info = config.get("train", {})
+    heads = load_heads(out, config)
+    return AlignResult(
+        path=out, best_epoch=int(info.get("best_epoch", 0)), epochs_run=int(info.get("epochs_run", 0)),
+        val_metrics=dict(info.get("val", {})), history=[], fit_seconds=float(info.get("fit_seconds", 0.0)),
+        feature_seconds=feature_seconds, trainable_params=sum(p.numel() for h in heads.values() for p in h.parameters())
+        + 1, logit_scale=float(config["logit_scale"]), config=config, heads=heads, up_to_date=True,
     )
 
 
@@ -333,9 +386,9 @@ def evaluate_retrieval(encoder: Encoder, ds: Dataset, store: EmbeddingStore, *, 
     return out
 
 
-def _model_config(vision: str, text: str, towers: dict[str, Encoder], out: str, head: str, dim: int,
-                  input_normalize: bool, scale: float, tr: PairFeatures, va: PairFeatures, train: Dataset,
-                  val: Dataset, hyper: dict[str, Any]) -> dict[str, Any]:
+def _model_config(vision: str, text: str, towers: dict[str, Encoder], out: str, cfg: AlignConfig, scale: float,
+                  tr: PairFeatures, va: PairFeatures, train: Dataset, val: Dataset, hyper: dict[str, Any]
+                  ) -> dict[str, Any]:
     """The ``encoderlab.json`` of an aligned model (see ``encoders.aligned``)."""
     model_dir = Path(out)
     return {
@@ -343,9 +396,9 @@ def _model_config(vision: str, text: str, towers: dict[str, Encoder], out: str, 
         "format_version": FORMAT_VERSION,
         "vision": portable_spec(vision, model_dir),
         "text": portable_spec(text, model_dir),
-        "head": head,
-        "dim": dim,
-        "input_normalize": input_normalize,
+        "head": cfg.head,
+        "dim": cfg.dim,
+        "input_normalize": cfg.input_normalize,
         "input_dims": {"image": int(tr.images.shape[1]), "text": int(tr.texts.shape[1])},
         "tower_fingerprints": {m: tower_fingerprint(t) for m, t in towers.items()},
         "logit_scale": scale,
@@ -361,19 +414,3 @@ def _model_config(vision: str, text: str, towers: dict[str, Encoder], out: str, 
             **hyper,
         },
     }
-
-
-class _NullBar:
-    def update(self, n: int) -> None: ...
-
-    def set_postfix(self, **kw: Any) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _epoch_bar(epochs: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NullBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=epochs, unit="epoch", desc="align", dynamic_ncols=True)

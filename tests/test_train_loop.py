@@ -1,0 +1,165 @@
+"""The shared training loop: schedule, early stopping with the best state, decay groups, clipping; atomic_dir."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+
+import pytest
+import torch
+
+from encoderlab.atomic import atomic_dir, process_umask
+from encoderlab.errors import EncoderlabError
+from encoderlab.train import LoopSettings, decay_groups, fit, lr_at
+from encoderlab.train.schedule import capped_warmup, steps_per_epoch
+
+# ---- schedule ------------------------------------------------------------------------------------------
+
+
+def test_schedule_matches_a_hand_computation():
+    # warmup 4 of 20 steps at base 0.2: 0.05, 0.10, 0.15, 0.20; then cosine over the remaining 16 steps
+    assert [lr_at(s, 20, 0.2, 4, "cosine") for s in range(4)] == pytest.approx([0.05, 0.10, 0.15, 0.20])
+    assert lr_at(4, 20, 0.2, 4, "cosine") == pytest.approx(0.2)
+    assert lr_at(12, 20, 0.2, 4, "cosine") == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))  # 0.1
+    assert lr_at(20, 20, 0.2, 4, "cosine") == pytest.approx(0.0)
+    assert lr_at(99, 20, 0.2, 4, "cosine") == pytest.approx(0.0)  # past the end: stays at zero
+    assert lr_at(12, 20, 0.2, 4, "constant") == 0.2
+    assert lr_at(7, 20, 0.2, 4, "cosine") == lr_at(7, 20, 0.2, 4, "cosine")  # pure: same inputs, same rate
+    assert steps_per_epoch(10, 4) == 3 and steps_per_epoch(0, 4) == 1
+    assert capped_warmup(50, 100) == 10 and capped_warmup(5, 100) == 5
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+
+class Scripted(torch.nn.Module):
+    """One weight; the evaluation reads a scripted metric per epoch, so the best epoch is known in advance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, 2))
+
+
+def scripted_fit(metrics: list[float], patience: int, **kw):
+    model = Scripted()
+    seen: list[torch.Tensor] = []
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        return ((model.w - 1.0) ** 2).sum() * len(idx)
+
+    def evaluate() -> tuple[float, dict[str, float]]:
+        seen.append(model.w.detach().clone())
+        return metrics[len(seen) - 1], {"w": float(model.w.detach().sum())}
+
+    settings = LoopSettings(epochs=len(metrics), batch_size=4, lr=0.1, patience=patience, **kw)
+    result = fit(model, step, 8, decay_groups(model.named_parameters(), 0.0), evaluate, settings)
+    return model, result, seen
+
+
+def test_early_stopping_keeps_the_best_epochs_state():
+    model, result, seen = scripted_fit([0.1, 0.5, 0.3, 0.2, 0.9], patience=2)
+    assert result.best_epoch == 2 and result.best_metric == 0.5
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]  # two epochs without improvement: stop
+    assert {"train_loss", "val_metric", "w", "lr", "seconds"} <= set(result.history[0])
+    assert torch.equal(model.w.detach(), seen[1]) and torch.equal(result.best_state["w"], seen[1])
+    assert not torch.equal(seen[1], seen[3])  # it did train past the best epoch, then went back
+
+
+def test_fit_is_deterministic_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    _, a, _ = scripted_fit([0.1, 0.2, 0.3], patience=5, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    _, b, _ = scripted_fit([0.1, 0.2, 0.3], patience=5, seed=3)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+
+
+def test_bad_settings_name_the_value():
+    with pytest.raises(EncoderlabError, match="patience must be a positive integer"):
+        LoopSettings(epochs=1, batch_size=2, lr=0.1, patience=0).check()
+    with pytest.raises(EncoderlabError, match="unknown schedule 'step'"):
+        LoopSettings(epochs=1, batch_size=2, lr=0.1, patience=1, schedule="step").check()
+
+
+def test_decay_groups_exclude_biases_norms_and_the_temperature():
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3)
+            self.norm = torch.nn.LayerNorm(3)
+            self.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+            self.frozen = torch.nn.Linear(3, 3, bias=False).requires_grad_(False)
+            self.norm_proj = torch.nn.Parameter(torch.ones(3, 3))  # 2-D, but its name says norm
+
+    groups = decay_groups(Net().named_parameters(), 0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert groups[0]["names"] == ["proj.weight"]
+    assert sorted(groups[1]["names"]) == ["logit_scale", "norm.bias", "norm.weight", "norm_proj", "proj.bias"]
+    assert decay_groups(Net().named_parameters(), 0.1, no_decay=())[0]["names"] == ["norm_proj", "proj.weight"]
+    torch.optim.AdamW(groups, lr=1e-3)  # the extra "names" key is accepted by the optimizer
+
+
+def test_clipping_bounds_the_gradient_norm():
+    def grad_norm_after_one_step(max_norm: float | None) -> float:
+        model = Scripted()
+        norms: list[float] = []
+
+        def step(idx: torch.Tensor) -> torch.Tensor:
+            return 1000.0 * ((model.w - 1.0) ** 2).sum()  # gradient norm 4000 at w = 0
+
+        def record() -> None:
+            norms.append(float(model.w.grad.norm()))
+
+        settings = LoopSettings(epochs=1, batch_size=8, lr=0.1, patience=1, max_norm=max_norm)
+        fit(model, step, 8, decay_groups(model.named_parameters(), 0.0), lambda: (0.0, {}), settings,
+            after_step=record)
+        return norms[0]
+
+    assert grad_norm_after_one_step(None) == pytest.approx(4000.0)
+    assert grad_norm_after_one_step(1.0) == pytest.approx(1.0, rel=1e-5)
+
+
+# ---- atomic_dir ----------------------------------------------------------------------------------------
+
+
+def test_atomic_dir_replaces_on_success_with_umask_permissions(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with atomic_dir(out) as tmp:
+        assert tmp.parent == tmp_path and tmp != out and not (tmp / "old.txt").exists()
+        (tmp / "new.txt").write_text("new")
+        assert (out / "old.txt").read_text() == "old"  # readers still see the old one while it is written
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~process_umask()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary or swapped-out directory left
+    with atomic_dir(tmp_path / "fresh" / "deep") as tmp:
+        (tmp / "a").write_text("a")
+    assert (tmp_path / "fresh" / "deep" / "a").read_text() == "a"
+
+
+def test_atomic_dir_failure_keeps_the_old_directory(tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    # a failure after the old directory was swapped out puts it back
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"), atomic_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert (out / "old.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EncoderlabError, match="is a file"), atomic_dir(tmp_path / "file"):
+        pass
