@@ -230,7 +230,7 @@ def test_single_tower_models_under_hf_point_to_the_right_prefix(tiny_vit_dir, ti
 
 
 def test_spec_options_are_validated(tiny_vit_dir):
-    with pytest.raises(EncoderlabError, match="did you mean pool"):
+    with pytest.raises(EncoderlabError, match="did you mean 'pool'"):
         create_encoder(f"hf-vision:{tiny_vit_dir}?pooling=cls", device="cpu")
     with pytest.raises(EncoderlabError, match="pooler, cls, mean"):
         create_encoder(f"hf-vision:{tiny_vit_dir}?pool=max", device="cpu")

@@ -211,10 +211,6 @@ class Encoder(ABC):
         return f"{type(self).__name__}({self.spec!r}, dim={self.embed_dim}, modalities={self.modalities})"
 
 
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.float(), dim=-1)
-
-
 @dataclass
 class ImageTransform:
     """Resize (shorter side or exact), center crop, scale to [0,1], normalize: picklable, PIL + torch only.

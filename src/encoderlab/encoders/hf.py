@@ -19,9 +19,11 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import EncoderlabError, close_matches
+from ..errors import EncoderlabError
 from ..hashing import json_digest
-from .base import Encoder, ScoreKind, inference_context, l2_normalize, state_dict_digest
+from ..normalize import normalize_rows
+from ..specs import parse_options, split_query
+from .base import Encoder, ScoreKind, inference_context, state_dict_digest
 from .registry import register_prefix
 from .trainable import ParameterGroups, TowerLayout, TowerModule, layout_groups, load_trainable_state, trainable_state
 
@@ -117,27 +119,8 @@ _POOLER_PREFIXES = ("pooler.",)
 
 def split_target(target: str, allowed: dict[str, tuple[str, ...] | type]) -> tuple[str, dict[str, Any]]:
     """``"id?pool=mean&max_length=128"`` -> ``("id", {"pool": "mean", "max_length": 128})``, validated."""
-    model_id, _, query = target.partition("?")
-    options: dict[str, Any] = {}
-    for item in filter(None, query.split("&")):
-        key, sep, value = item.partition("=")
-        if key not in allowed:
-            known = ", ".join(sorted(allowed)) or "none"
-            guess = close_matches(key, sorted(allowed))
-            hint = f"did you mean {', '.join(guess)}? " if guess else ""
-            raise EncoderlabError(f"unknown option {key!r} in encoder spec {target!r}", f"{hint}options: {known}")
-        rule = allowed[key]
-        if not sep or not value:
-            raise EncoderlabError(f"option {key!r} in {target!r} has no value", f"write {key}=VALUE")
-        if isinstance(rule, tuple):
-            if value not in rule:
-                raise EncoderlabError(f"{key}={value!r} in {target!r} is not valid", f"use one of {', '.join(rule)}")
-            options[key] = value
-        else:
-            try:
-                options[key] = rule(value)
-            except ValueError as e:
-                raise EncoderlabError(f"{key}={value!r} in {target!r} is not a {rule.__name__}") from e
+    model_id, query, _ = split_query(target)
+    options = parse_options(query, allowed, spec=target, what="encoder")
     if not model_id:
         raise EncoderlabError(f"encoder spec {target!r} names no model", "e.g. hf:openai/clip-vit-base-patch32")
     return model_id, options
@@ -352,7 +335,7 @@ class _HFEncoder(Encoder):
     @staticmethod
     def _finish(x: torch.Tensor, normalize: bool) -> torch.Tensor:
         x = x.float().cpu()
-        return l2_normalize(x) if normalize else x
+        return normalize_rows(x) if normalize else x
 
 
 class HFDualEncoder(_HFEncoder):

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import EncoderlabError, close_matches
-from .base import Encoder, ImageTransform, inference_context, l2_normalize, state_dict_digest
+from ..normalize import normalize_rows
+from .base import Encoder, ImageTransform, inference_context, state_dict_digest
 from .hf import hub_errors
 from .registry import register_prefix
 from .trainable import ParameterGroups, TowerLayout, TowerModule, layout_groups, load_trainable_state, trainable_state
@@ -175,7 +176,7 @@ class OpenClipEncoder(Encoder):
         with inference_context(self.device, self.precision):
             out = self.model.encode_image(x, normalize=False)
         out = out.float().cpu()
-        return l2_normalize(out) if normalize else out
+        return normalize_rows(out) if normalize else out
 
     def encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenize(texts)["input_ids"].to(self.device)
