@@ -25,7 +25,7 @@ from ..normalize import normalize_rows
 from ..specs import parse_options, split_query
 from .base import Encoder, ScoreKind, inference_context, state_dict_digest
 from .registry import register_prefix
-from .trainable import ParameterGroups, TowerLayout, TowerModule, layout_groups, load_trainable_state, trainable_state
+from .trainable import ModelBackedTrainable, TowerLayout, TowerModule
 
 # ---- family tables -------------------------------------------------------------------------------------
 
@@ -338,7 +338,7 @@ class _HFEncoder(Encoder):
         return normalize_rows(x) if normalize else x
 
 
-class HFDualEncoder(_HFEncoder):
+class HFDualEncoder(ModelBackedTrainable, _HFEncoder):
     """CLIP / SigLIP / ALIGN: projected image and text embeddings in one space, with the model's own scoring."""
 
     adapter = "hf-dual"
@@ -425,16 +425,6 @@ class HFDualEncoder(_HFEncoder):
             return _as_tensor(self.model.get_text_features(**self._to_device(dict(tokens))))
 
         return TowerModule(self.model, self.tower_layout("text"), features, on_train=self._weights_changed)
-
-    def parameter_groups(self, tower: str) -> ParameterGroups:
-        return layout_groups(self.model, self.tower_layout(tower), what=self.spec)
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.model)
-
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        load_trainable_state(self.model, state, what=self.spec)
-        self._weights_changed()
 
     def _weights_changed(self) -> None:
         self._parts = None  # the weight digest is recomputed on the next fingerprint

@@ -23,7 +23,7 @@ from ..normalize import normalize_rows
 from .base import Encoder, ImageTransform, inference_context, state_dict_digest
 from .hf import hub_errors
 from .registry import register_prefix
-from .trainable import ParameterGroups, TowerLayout, TowerModule, layout_groups, load_trainable_state, trainable_state
+from .trainable import ModelBackedTrainable, TowerLayout, TowerModule
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -136,7 +136,7 @@ def _preprocess_cfg(model: Any) -> dict[str, Any]:
     return {"size": size, "mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic"}
 
 
-class OpenClipEncoder(Encoder):
+class OpenClipEncoder(ModelBackedTrainable, Encoder):
     """An open_clip model: ``encode_image`` / ``encode_text`` with ``normalize=False`` and the learned scores."""
 
     def __init__(self, target: str, *, device: torch.device, precision: str) -> None:
@@ -220,16 +220,6 @@ class OpenClipEncoder(Encoder):
             return self.model.encode_text(tokens["input_ids"].to(self.device), normalize=False)
 
         return TowerModule(self.model, self.tower_layout("text"), features, on_train=self._weights_changed)
-
-    def parameter_groups(self, tower: str) -> ParameterGroups:
-        return layout_groups(self.model, self.tower_layout(tower), what=self.spec)
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.model)
-
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        load_trainable_state(self.model, state, what=self.spec)
-        self._weights_changed()
 
     def _weights_changed(self) -> None:
         self._weights_digest = None  # recomputed on the next fingerprint

@@ -147,6 +147,33 @@ class TowerModule(torch.nn.Module):
         return self
 
 
+class ModelBackedTrainable:
+    """The ``TrainableEncoder`` methods that follow from one wrapped ``torch.nn.Module``, for adapters to inherit.
+
+    The adapter provides ``model``, ``spec``, ``tower_layout(tower)`` and ``_weights_changed()`` (which must drop
+    any cached weight digest, so the store is keyed by the new weights after training).
+    """
+
+    model: torch.nn.Module
+    spec: str
+
+    def tower_layout(self, tower: str) -> TowerLayout:  # pragma: no cover - provided by the adapter
+        raise NotImplementedError
+
+    def _weights_changed(self) -> None:  # pragma: no cover - provided by the adapter
+        raise NotImplementedError
+
+    def parameter_groups(self, tower: str) -> ParameterGroups:
+        return layout_groups(self.model, self.tower_layout(tower), what=self.spec)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.model)
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, state, what=self.spec)
+        self._weights_changed()
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of ``model``'s parameters that require grad, by name."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
