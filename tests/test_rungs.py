@@ -228,12 +228,18 @@ def test_train_test_only_csv_runs_every_rung(tmp_path, capsys):
     assert main(["probe", "--method", "linear", *common, "--out", str(tmp_path / "lin")]) == 0
     captured = capsys.readouterr()
     assert "carved out of train" in captured.err and "full" in captured.out
+    # align chooses its epoch on val too: the same carve serves it
+    assert main(["align", "--vision", "test-color", "--text", "test-color", "--data", data, "--store",
+                 str(tmp_path / "store"), "--out", str(tmp_path / "aligned"), "--epochs", "2", "--dim", "4",
+                 "--n-boot", "20", "--json"]) == 0
+    aligned = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "aligned" / "encoderlab.json").read_text())
+    assert saved["train"]["data"]["split_info"]["method"] == "carved" and "test_retrieval" in aligned
     # deterministic: the same carve every time, and a different one for another seed
-    again = load_dataset(data).ensure_validation()
-    assert sorted(again.select_split("val").table["id"]) == sorted(
-        load_dataset(data).ensure_validation().select_split("val").table["id"])
-    other = load_dataset(data).ensure_validation(seed=5).select_split("val").table["id"]
-    assert len(other) == 3
+    first = set(load_dataset(data).ensure_validation().select_split("val").table["id"])
+    assert set(load_dataset(data).ensure_validation().select_split("val").table["id"]) == first
+    other = set(load_dataset(data).ensure_validation(seed=5).select_split("val").table["id"])
+    assert len(other) == 3 and other != first
 
 
 def test_carve_keeps_a_training_item_per_class_and_ignores_unlabelled(color_data):

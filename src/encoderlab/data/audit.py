@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import BadImageError
+from ..progress import progress_bar
 from .images import load_image, probe_image
 
 
@@ -34,18 +35,12 @@ def check_images(
         return None
 
     unique = list(dict.fromkeys(os.fspath(p) for p in paths))
-    bar = None
-    if progress and unique:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(unique), unit="img", desc="decode" if decode else "check", leave=False)
     out: list[dict[str, str]] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            progress_bar(len(unique), "img", progress and bool(unique), "decode" if decode else "check",
+                         leave=False) as bar:
         for r in pool.map(one, unique):
             if r:
                 out.append(r)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
     return out
