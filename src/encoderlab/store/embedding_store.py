@@ -184,7 +184,6 @@ class EmbeddingSpace:
                     return  # written once: the fingerprint already pins what it describes
         doc = {"format": _shards.FORMAT, "fingerprint": self.fingerprint, "meta": meta}
         with atomic_open(path, "wb") as f:
-            _shards.share_mode(f)
             f.write((json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
 
     # ----------------------------------------------------------------------------------------- index

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..atomic import atomic_open
 from ..errors import EncoderlabError
-from .shards import ShardRecord, is_shard_name, shard_seq, share_mode
+from .shards import ShardRecord, is_shard_name, shard_seq
 
 CACHE_FORMAT = 1
 HASH_VERSION = "u64-mulxor-sum-splitmix-1"  # bump when key_hash changes: cached hashes would no longer match
@@ -277,7 +277,6 @@ def save_cache(directory: Path, segment: Segment) -> None:
     for part, arr in (("keys", segment.keys), ("hashes", segment.hashes), ("positions", segment.positions)):
         fname = f"index-{token}.{part}.npy"
         with atomic_open(directory / fname, "wb") as f:
-            share_mode(f)
             np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
         files[part] = fname
     doc = {
@@ -290,7 +289,6 @@ def save_cache(directory: Path, segment: Segment) -> None:
         "shards": [s.to_json() for s in segment.shards],
     }
     with atomic_open(directory / "index.json", "wb") as f:
-        share_mode(f)
         f.write(json.dumps(doc).encode("utf-8"))
     _remove_stale_cache_files(directory, keep=token)
 

@@ -189,33 +189,14 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-_UMASK: int | None = None
-
-
-def share_mode(f: Any) -> None:
-    """Give a temp file the permissions of an ordinary new file (mkstemp makes it 0600), so a store on a
-    shared disk stays readable by the group the umask allows."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = 0o022
-        with contextlib.suppress(OSError, ValueError):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("Umask:"):
-                    _UMASK = int(line.split()[1], 8)
-    with contextlib.suppress(OSError, AttributeError):
-        os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-
-
 def _write_npy(path: Path, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
-        share_mode(f)
         f.write(data)
 
 
 def _write_sidecar(path: Path, obj: dict[str, Any]) -> None:
     # Separate from _write_npy so tests can kill a process between the two steps.
     with atomic_open(path, "wb") as f:
-        share_mode(f)
         f.write((json.dumps(obj, sort_keys=True) + "\n").encode("utf-8"))
 
 
