@@ -260,3 +260,12 @@ def test_cli_lists_the_registry(capsys):
     assert main(["rungs", "list", "lin"]) == 0
     text = capsys.readouterr().out
     assert "linear" in text and "knn" not in text
+
+
+def test_a_head_rung_that_cannot_run_says_why_before_fitting(color_data, store):
+    enc = ImageOnly()
+    emb = labelled_embeddings(enc, color_data, store, progress=False)
+    with pytest.raises(EncoderlabError, match=r"--method tip needs a dual encoder.*use --method knn or linear"):
+        run_probe(enc, emb, store, method="tip")
+    with pytest.raises(EncoderlabError, match="does not fit a head.*knn, linear, tip"):
+        run_probe(enc, emb, store, method="retrieval")

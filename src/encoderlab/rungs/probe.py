@@ -181,6 +181,12 @@ def run_probe(
     rung = head_rung(method)
     ks = check_few_shot(shots, seeds, full)
     zs_encoder = zero_shot_encoder or encoder
+    why = rung.unmet(zs_encoder, emb.dataset)
+    if why is not None:  # before any fit: say what is missing and which heads would run
+        usable = [n for n in list_rungs(head=True) if create_rung(n).unmet(zs_encoder, emb.dataset) is None]
+        raise EncoderlabError(f"--method {rung.name} {why}; {zs_encoder.spec!r} encodes "
+                              f"{'+'.join(zs_encoder.modalities)}",
+                              f"use --method {' or '.join(usable)}" if usable else "use another encoder or dataset")
     template_list = load_templates(templates) if "dual" in rung.needs else []
     built: dict[str, Any] = {}
 
