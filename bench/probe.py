@@ -154,7 +154,8 @@ def real_features(spec: str, encoder: str = "efficientnet-lite0") -> list[np.nda
     from encoderlab.extract import labelled_embeddings
     from encoderlab.store import EmbeddingStore
 
-    prep = labelled_embeddings(create_encoder(encoder, device="cpu"), load_dataset(spec), EmbeddingStore(), progress=True)
+    prep = labelled_embeddings(create_encoder(encoder, device="cpu"), load_dataset(spec), EmbeddingStore(),
+                               progress=True)
     return [a for split in ("train", "val", "test") for a in (prep.X[prep.index(split)], prep.y[prep.index(split)])]
 
 

@@ -24,7 +24,8 @@ def register(sub: Any) -> None:
                    "encoderlab data inspect emoji\nencoderlab data inspect folder:~/pets --split test\n"
                    "encoderlab data inspect 'csv:pairs.csv?image=path&text=caption' --json")
     p.description = (
-        "Counts the rows the source has (rows = usable + skipped), the usable ones (text-only rows, and rows whose image passes the check) "
+        "Counts the rows the source has (rows = usable + skipped), the usable ones (text-only rows, and rows whose "
+        "image passes the check) "
         "per split and class, and lists every skipped file with its reason: those dropped while listing plus those "
         "failing the check. The default check reads each image's header and, for PNG/JPEG, its tail (truncated "
         "files); --decode decodes everything. In --json, 'items' is an alias of 'usable'."

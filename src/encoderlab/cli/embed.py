@@ -26,14 +26,16 @@ from .options import (
 def register(sub: Any) -> None:
     p = add_parser(sub, "embed", "compute (or reuse) embeddings of a dataset into the store",
                    "encoderlab embed --encoder efficientnet-lite0 --data emoji\n"
-                   "encoderlab embed --encoder hf:openai/clip-vit-base-patch32 --data folder:~/pets --split train --json")
+                   "encoderlab embed --encoder hf:openai/clip-vit-base-patch32 --data folder:~/pets --split train "
+                   "--json")
     p.add_argument("--encoder", required=True, help="encoder spec (see `encoderlab encoders list`)")
     p.add_argument("--data", required=True, help="dataset spec")
     p.add_argument("--split", help="only this split")
     p.add_argument("--modality", choices=["auto", "image", "text", "both"], default="auto",
                    help="what to embed; auto = every modality both the encoder and the data have")
     add_store_option(p)
-    p.add_argument("--out", help="run directory for results.json and skipped.jsonl (default: under $ENCODERLAB_HOME/runs)")
+    p.add_argument("--out",
+                   help="run directory for results.json and skipped.jsonl (default: under $ENCODERLAB_HOME/runs)")
     p.add_argument("--batch-size", type=int, help="images/texts per forward (default: chosen per encoder and device)")
     p.add_argument("--workers", type=int, help="image decode worker processes (default: half the cores)")
     add_device_options(p)

@@ -79,7 +79,8 @@ def parse_ratios(text: str) -> dict[str, float]:
         try:
             ratios[name.strip()] = float(value)
         except ValueError:
-            raise EncoderlabError(f"bad --split-ratios entry {part!r}", "write e.g. train=0.8,val=0.1,test=0.1") from None
+            raise EncoderlabError(f"bad --split-ratios entry {part!r}",
+                                  "write e.g. train=0.8,val=0.1,test=0.1") from None
         if not sep or not name.strip() or ratios[name.strip()] < 0:
             raise EncoderlabError(f"bad --split-ratios entry {part!r}", "write e.g. train=0.8,val=0.1,test=0.1")
     if abs(sum(ratios.values()) - 1.0) > 1e-6:

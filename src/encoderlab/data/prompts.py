@@ -28,7 +28,8 @@ def _parse_templates(text: str, where: str) -> list[str]:
     templates = [line.strip() for line in text.splitlines()]
     templates = [t for t in templates if t and not t.startswith("#")]
     if not templates:
-        raise EncoderlabError(f"template file {where} holds no templates", "write one template per line, e.g. 'a photo of a {}.'")
+        raise EncoderlabError(f"template file {where} holds no templates",
+                              "write one template per line, e.g. 'a photo of a {}.'")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
         raise EncoderlabError(
@@ -77,7 +78,8 @@ def load_class_names(path: str | Path) -> dict[str, str]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise EncoderlabError(f"class-name file {str(p)!r} is not valid JSON ({e})", 'write {"label": "name"}') from e
+            raise EncoderlabError(f"class-name file {str(p)!r} is not valid JSON ({e})",
+                                  'write {"label": "name"}') from e
         if not isinstance(obj, dict):
             raise EncoderlabError(f"class-name file {str(p)!r} holds a {type(obj).__name__}", 'write {"label": "name"}')
         return {str(k): str(v) for k, v in obj.items()}

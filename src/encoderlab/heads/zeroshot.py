@@ -72,7 +72,8 @@ class ZeroShotClassifier(Head):
         x = normalize_rows(_as_array(X))
         if x.ndim != 2 or x.shape[1] != self.class_embeddings_.shape[1]:
             raise EncoderlabError(
-                f"features of shape {tuple(x.shape)} do not match class embeddings of dim {self.class_embeddings_.shape[1]}",
+                f"features of shape {tuple(x.shape)} do not match class embeddings of dim "
+                f"{self.class_embeddings_.shape[1]}",
                 "use image embeddings from the same dual encoder as the prompts",
             )
         logits = x @ self.class_embeddings_.T

@@ -101,7 +101,7 @@ def _json_default(o: Any) -> Any:
 
 
 def data_provenance(dataset: Dataset, used_rows: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """Source, split sizes and a fingerprint of each split's item ids, so a later run can prove it used the same split."""
+    """Source, split sizes and a fingerprint of each split's item ids (a later run can prove it used the same split)."""
     t = dataset.table
     splits: dict[str, Any] = {}
     for name in dataset.splits:

@@ -187,5 +187,6 @@ def list_rungs(pattern: str | None = None, *, task: str | None = None, head: boo
     """Rung names in ladder order (level, then rank), filtered by glob/substring, task, and having a head."""
     names = RUNGS.names(pattern)
     rungs = [RUNGS.get(n) for n in names]
-    rungs = [r for r in rungs if (task is None or r.task == task) and (head is None or (r.make_head is not None) == head)]
+    rungs = [r for r in rungs
+             if (task is None or r.task == task) and (head is None or (r.make_head is not None) == head)]
     return [r.name for r in sorted(rungs, key=lambda r: (r.level, r.rank, r.name))]

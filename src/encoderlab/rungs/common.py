@@ -82,6 +82,10 @@ def chosen_knobs(head: Any, knobs: tuple[str, ...], on: str) -> dict[str, Any]:
     for name in knobs:
         v = getattr(head, KNOB_ATTRIBUTES.get(name, f"best_{name}_"), None)
         if v is not None:
-            values[name] = float(v) if isinstance(v, (float, np.floating)) else (int(v) if isinstance(v, (int, np.integer)) else v)
+            if isinstance(v, (float, np.floating)):
+                v = float(v)
+            elif isinstance(v, (int, np.integer)):
+                v = int(v)
+            values[name] = v
     swept = bool(getattr(head, "sweep_", []))
     return {"knobs": values, "chosen_by": on if swept else "fixed"}

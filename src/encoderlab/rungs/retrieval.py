@@ -107,9 +107,9 @@ def _predictions(img: np.ndarray, txt: np.ndarray, ids: np.ndarray, texts: list[
 
 
 def _run(inputs: RungInputs, options: RungOptions) -> RunResult:
-    return run_retrieval(inputs.encoder, inputs.dataset, inputs.store, split=options.split, chunk_size=options.chunk_size,
-                         n_boot=options.n_boot, seed=options.seed, encoder_ms=options.encoder_ms,
-                         progress=options.progress)
+    return run_retrieval(inputs.encoder, inputs.dataset, inputs.store, split=options.split,
+                         chunk_size=options.chunk_size, n_boot=options.n_boot, seed=options.seed,
+                         encoder_ms=options.encoder_ms, progress=options.progress)
 
 
 register_rung(Rung("retrieval", level=1, rank=2, task="retrieval", needs=("dual", "captions"), knobs=(),

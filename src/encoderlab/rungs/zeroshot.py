@@ -105,7 +105,8 @@ def compare_template_scores(emb: LabelledEmbeddings, prompt_emb: np.ndarray, tem
     for t, template in enumerate(templates):
         one = ZeroShotClassifier(ensemble.score_kind, ensemble.logit_scale, ensemble.logit_bias)
         one.fit(prompt_emb[:, t], list(range(len(emb.classes))))
-        rows.append({"template": template, "val_top1": top1(one, where["val"]), f"{split}_top1": top1(one, where[split])})
+        rows.append({"template": template, "val_top1": top1(one, where["val"]),
+                     f"{split}_top1": top1(one, where[split])})
     rows.sort(key=lambda r: -(r["val_top1"] if r["val_top1"] is not None else r[f"{split}_top1"]))
     rows.insert(0, {"template": f"ensemble of {len(templates)}", "val_top1": top1(ensemble, where["val"]),
                     f"{split}_top1": top1(ensemble, where[split])})
