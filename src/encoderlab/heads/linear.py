@@ -251,20 +251,7 @@ class LinearProbe(Head):
             theta, self.n_iter_ = self._solve(Z_all, y_idx, classes, self.best_C_, [])
             y_fit = y_idx
         else:
-            theta, path = None, []
-            for C in Cs:  # ascending: strong -> weak regularization, each fit warm-started from the previous ones
-                starts = [theta] if theta is not None else []
-                if len(path) >= 2:  # the solution path is smooth in log C: extrapolate from the last two
-                    (c1, t1), (c2, t2) = path[-2:]
-                    starts.append(t2 + float(np.log(C / c2) / np.log(c2 / c1)) * (t2 - t1))
-                theta, n_iter = self._solve(Z_tr, y_tr, classes, C, starts, warn=False)
-                path.append((C, theta))
-                pred = (Z_va @ theta.T).argmax(dim=1).cpu().numpy()
-                acc, score = val_score(pred, y_va, self.scoring)
-                self.sweep_.append({"C": C, "val_accuracy": acc, "val_score": score, "n_iter": n_iter})
-            best = best_on_grid([s["val_score"] for s in self.sweep_])  # ties keep the smaller C
-            self.best_C_, theta = path[best]
-            self.n_iter_ = self.sweep_[best]["n_iter"]
+            self.best_C_, theta, self.n_iter_ = self._sweep(Z_tr, y_tr, Z_va, y_va, classes, Cs)
             y_fit = y_tr
             if self.refit:
                 Z_fit = torch.cat([Z_tr, Z_va]) if X_val is not None else Z_all
@@ -281,6 +268,28 @@ class LinearProbe(Head):
         self.intercept_ = b - self.coef_ @ mean
         self.fit_seconds_ = time.perf_counter() - t0
         return self
+
+    def _sweep(self, Z_tr: torch.Tensor, y_tr: np.ndarray, Z_va: torch.Tensor, y_va: np.ndarray,
+               classes: np.ndarray, Cs: list[float]) -> tuple[float, torch.Tensor, int]:
+        """Fit every C on train, score it on val (``sweep_``); returns the best ``(C, theta, n_iter)``.
+
+        Ascending C (strong -> weak regularization), each fit warm-started from the previous solutions; ties keep
+        the smaller C.
+        """
+        theta: torch.Tensor | None = None
+        path: list[tuple[float, torch.Tensor]] = []
+        for C in Cs:
+            starts = [theta] if theta is not None else []
+            if len(path) >= 2:  # the solution path is smooth in log C: extrapolate from the last two
+                (c1, t1), (c2, t2) = path[-2:]
+                starts.append(t2 + float(np.log(C / c2) / np.log(c2 / c1)) * (t2 - t1))
+            theta, n_iter = self._solve(Z_tr, y_tr, classes, C, starts, warn=False)
+            path.append((C, theta))
+            pred = (Z_va @ theta.T).argmax(dim=1).cpu().numpy()
+            acc, score = val_score(pred, y_va, self.scoring)
+            self.sweep_.append({"C": C, "val_accuracy": acc, "val_score": score, "n_iter": n_iter})
+        best = best_on_grid([s["val_score"] for s in self.sweep_])
+        return path[best][0], path[best][1], self.sweep_[best]["n_iter"]
 
     def _solve(self, Z: torch.Tensor, y_idx: np.ndarray, classes: np.ndarray, C: float, starts: list[torch.Tensor],
                warn: bool = True) -> tuple[torch.Tensor, int]:
