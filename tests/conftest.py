@@ -35,6 +35,26 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_
 TINY_VISION = dict(image_size=32, patch_size=8, num_channels=3, **TINY_TEXT)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _runs_in_a_temporary_home(tmp_path_factory):
+    """Commands run without --out write their run directories under a temporary ENCODERLAB_HOME, not the user's.
+
+    The fetched data sets, the embedding store and the compiled-model cache stay the real ones (symlinked), so
+    real-data tests find the packaged sets and reuse cached features.
+    """
+    from encoderlab import paths
+
+    real = paths.home()
+    home = tmp_path_factory.mktemp("encoderlab-home")
+    for name in ("data", "store", "compiled"):
+        (real / name).mkdir(parents=True, exist_ok=True)
+        (home / name).symlink_to(real / name, target_is_directory=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ENCODERLAB_HOME", str(home))
+    yield home
+    patch.undo()
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2))
 
