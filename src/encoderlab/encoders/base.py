@@ -38,6 +38,22 @@ class EncoderInfo:
     requires: str = ""  # the extra or package it needs, for `encoders list`
 
 
+@dataclass(frozen=True)
+class TrainingItems:
+    """What a trained model has seen: content keys by modality, for training (``train``) and model selection (``val``).
+
+    ``source`` names the data set it was trained on (for messages).
+    """
+
+    train: dict[str, frozenset[str]]
+    val: dict[str, frozenset[str]]
+    source: str = ""
+
+    def seen(self, modality: str) -> frozenset[str]:
+        """Every key of ``modality`` used for training or for choosing the model."""
+        return self.train.get(modality, frozenset()) | self.val.get(modality, frozenset())
+
+
 class FeatureSource(NamedTuple):
     """How an encoder's embeddings derive from another encoder's: ``embeddings = head(base embeddings)``."""
 
@@ -163,6 +179,15 @@ class Encoder(ABC):
         Encoders built on top of another encoder's frozen features (an aligned pair of towers with projection heads)
         return their tower and head here, so extraction computes the tower features once into the store and derives
         this encoder's embeddings from them instead of running the tower again.
+        """
+        return None
+
+    def training_items(self) -> TrainingItems | None:
+        """Content keys of the items this encoder was trained or selected on (None: not trained by encoderlab).
+
+        Models that encoderlab trained (aligned heads, fine-tuned or prompt-learned models) record them, so an
+        evaluation can count and warn about items the model has already seen (the same image under another split
+        or seed). Keys are the store's content keys (``hashing.image_key`` / ``hashing.text_key``).
         """
         return None
 
