@@ -174,7 +174,7 @@ def test_tiny_real_adapters_run_every_rung(tmp_path, color_data, store, tiny_cli
 def test_cli_zeroshot_probe_retrieval_compare(tmp_path, capsys):
     path = color_dataset(tmp_path / "colors")
     data = f"jsonl:{path}?image=image&text=text&label=label&split=split"
-    common = ["--encoder", "test-color", "--data", data, "--store", str(tmp_path / "store"), "--n-boot", "50"]
+    common = ["--encoder", "test-color", "--data", data, "--store", str(tmp_path / "store"), "--n-boot", "100"]
 
     def run(argv: list[str]) -> dict:
         code = main([*argv, *common, "--json"])
@@ -209,7 +209,7 @@ def test_cli_align_then_use_everywhere(tmp_path, capsys, tiny_vit_dir, tiny_bert
     path = color_dataset(tmp_path / "colors")
     data = f"jsonl:{path}?image=image&text=text&label=label&split=split"
     model = tmp_path / "aligned"
-    common = ["--data", data, "--store", str(tmp_path / "store"), "--n-boot", "50"]
+    common = ["--data", data, "--store", str(tmp_path / "store"), "--n-boot", "100"]
     align = ["align", "--vision", f"hf-vision:{tiny_vit_dir}", "--text", f"hf-text:{tiny_bert_dir}", "--out", str(model),
              "--dim", "8", "--epochs", "3", *common, "--json"]
 

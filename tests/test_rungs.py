@@ -207,7 +207,7 @@ def test_train_test_only_csv_runs_every_rung(tmp_path, capsys):
     data = _train_test_csv(tmp_path)
     source = load_dataset(data)
     assert source.splits == ["test", "train"]
-    common = ["--encoder", "test-color", "--data", data, "--store", str(tmp_path / "store"), "--n-boot", "50"]
+    common = ["--encoder", "test-color", "--data", data, "--store", str(tmp_path / "store"), "--n-boot", "100"]
     code = main(["compare", *common, "--shots", "1,2", "--seeds", "2", "--templates", "name", "--json",
                  "--out", str(tmp_path / "cmp")])
     out, err = capsys.readouterr()
@@ -231,7 +231,7 @@ def test_train_test_only_csv_runs_every_rung(tmp_path, capsys):
     # align chooses its epoch on val too: the same carve serves it
     assert main(["align", "--vision", "test-color", "--text", "test-color", "--data", data, "--store",
                  str(tmp_path / "store"), "--out", str(tmp_path / "aligned"), "--epochs", "2", "--dim", "4",
-                 "--n-boot", "20", "--json"]) == 0
+                 "--n-boot", "100", "--json"]) == 0
     aligned = json.loads(capsys.readouterr().out)
     saved = json.loads((tmp_path / "aligned" / "encoderlab.json").read_text())
     assert saved["train"]["data"]["split_info"]["method"] == "carved" and "test_retrieval" in aligned
@@ -269,3 +269,46 @@ def test_a_head_rung_that_cannot_run_says_why_before_fitting(color_data, store):
         run_probe(enc, emb, store, method="tip")
     with pytest.raises(EncoderlabError, match="does not fit a head.*knn, linear, tip"):
         run_probe(enc, emb, store, method="retrieval")
+
+
+def test_zeroshot_reports_on_every_labelled_item_with_split_all(color_data, store):
+    enc = create_encoder("test-color", device="cpu")
+    emb = labelled_embeddings(enc, color_data, store, progress=False)
+    from encoderlab.rungs import run_zeroshot
+
+    r = run_zeroshot(enc, emb, store, templates="name", split="all", n_boot=50, compare_templates=True)
+    assert r.data["used"]["all"]["items"] == int((emb.y >= 0).sum()) == 36 and r.metrics["top1"] == 1.0
+    assert "all_top1" in r.extra["templates"][0]
+
+
+def test_a_class_without_training_items_is_named_and_counted_as_errors(color_data, store, tmp_path, capsys):
+    # every "blue" item of train goes to val: blue has no training items, its test items can only be errors
+    table = color_data.table.copy()
+    table.loc[(table["label"] == "blue_thing") & (table["split"] == "train"), "split"] = "val"
+    ds = color_data.derive(table)
+    enc = create_encoder("test-color", device="cpu")
+    comp = run_comparison(enc, ds, store, shots=[1, 2], seeds=2, n_boot=50, templates="name", progress=False)
+    assert set(comp.results) == set(BUILTIN) and not comp.skipped  # nothing is lost
+    assert any("'blue_thing' has no training items" in n for n in comp.result.config["notes"])
+    linear = comp.results["linear"]
+    assert linear.metrics["top1"] == pytest.approx(4 / 6)  # the 2 blue test items are errors, the rest right
+    assert linear.metrics["recall/blue_thing"] == 0.0
+    assert comp.results["zeroshot"].metrics["top1"] == 1.0  # zero-shot needs no training items
+    assert comp.results["tip"].metrics["top1"] == 1.0  # nor does Tip-Adapter, which keeps the prompt of every class
+    # the val items of the untrained class were left out of choosing (they could only add a constant)
+    assert all(s["val_items"] <= 4 for s in linear.extra["settings"] if s["setting"] == "full")
+    assert "p<0.02" in comp.format() or "p=" in comp.format()
+
+
+def test_unlabelled_items_are_counted_and_reported(color_data, store):
+    table = color_data.table.copy()
+    table.loc[table.index[::4], "label"] = None  # 9 of 36 items lose their label
+    ds = color_data.derive(table)
+    enc = create_encoder("test-color", device="cpu")
+    comp = run_comparison(enc, ds, store, rungs=["zeroshot", "linear"], shots=[1], seeds=2, n_boot=50,
+                          templates="name", progress=False)
+    note = next(n for n in comp.result.config["notes"] if "no label" in n)
+    assert note.startswith("9 item(s) have no label and were left out of classification")
+    assert comp.result.data["unlabelled"] == 9
+    assert note in comp.results["linear"].config["notes"] and note in comp.results["zeroshot"].config["notes"]
+    assert f"note: {note}" in comp.format()

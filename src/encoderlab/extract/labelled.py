@@ -63,6 +63,40 @@ class LabelledEmbeddings:
     def n_classes(self) -> int:
         return len(self.classes)
 
+    def classes_without(self, split: str = "train") -> list[str]:
+        """Classes with labelled items in the data but none in ``split`` (hash splits can leave a rare class out)."""
+        present = set(self.y[(self.split == split) & (self.y >= 0)].tolist())
+        labelled = set(self.y[self.y >= 0].tolist())
+        return [self.classes[c] for c in sorted(labelled - present)]
+
+    def notes(self) -> list[str]:
+        """What a user must know about these embeddings before reading a result: a carved validation split,
+        unlabelled items left out, classes with no training items."""
+        return [n for n in (self.validation_note, self.unlabelled_note(), self.untrained_class_note()) if n]
+
+    def unlabelled_note(self) -> str:
+        """A sentence counting the usable items without a label, which classification leaves out ("" if none)."""
+        n = int((self.y < 0).sum())
+        if not n or not self.classes:
+            return ""
+        by_split = {s: int(((self.y < 0) & (self.split == s)).sum()) for s in sorted({str(x) for x in self.split})}
+        where = ", ".join(f"{k} {v}" for k, v in by_split.items() if v)
+        return f"{n} item(s) have no label and were left out of classification ({where})"
+
+    def untrained_class_note(self) -> str:
+        """A sentence naming the classes with no training items ("" when every class has some)."""
+        missing = self.classes_without("train")
+        if not missing:
+            return ""
+        index = {c: i for i, c in enumerate(self.classes)}
+        where = {s: int(np.isin(self.y[self.split == s], [index[c] for c in missing]).sum()) for s in ("val", "test")}
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        names = ", ".join(repr(c) for c in missing[:10]) + more
+        verb = "has" if len(missing) == 1 else "have"
+        return (f"{names} {verb} no training items: a head cannot predict {'it' if len(missing) == 1 else 'them'}, "
+                f"so {where['test']} test item(s) count as errors and {where['val']} val item(s) are left out of "
+                "choosing (re-split with another --seed or --split-ratios to give every class training items)")
+
     @property
     def validation_note(self) -> str:
         """A sentence for the output when the validation split was carved out of train ("" otherwise)."""

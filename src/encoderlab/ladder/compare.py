@@ -90,8 +90,11 @@ def run_comparison(
     results: dict[str, RunResult] = {}
     for rung in sorted(runnable, key=lambda r: (r.level, r.rank, r.name)):
         results[rung.name] = rung.run(inputs, options)
-    rows = comparison_rows(results)
-    notes = [n for n in [validation_note(inputs.dataset.split_info)] if n]
+    rows = comparison_rows(results, n_boot=n_boot)
+    if any(r.task == "classification" for r in runnable):
+        notes = inputs.labelled().notes()
+    else:
+        notes = [n for n in [validation_note(inputs.dataset.split_info)] if n]
     comp = Comparison(results, rows, skipped)
     comp.result = comparison_result(encoder, inputs.dataset, comp, names, options, probe_features, notes)
     if out_dir is not None:
@@ -119,8 +122,12 @@ def comparison_result(encoder: Encoder, dataset: Dataset, comp: Comparison, aske
                      extra={"table": comp.rows, "skipped_rungs": comp.skipped, "rung_dirs": list(comp.results)})
 
 
-def comparison_rows(results: Mapping[str, RunResult]) -> list[dict[str, Any]]:
-    """One row per (classification rung, setting): top-1 and interval, std over seeds, Δ vs zero-shot, costs."""
+def comparison_rows(results: Mapping[str, RunResult], n_boot: int = 1000) -> list[dict[str, Any]]:
+    """One row per (classification rung, setting): top-1 and interval, std over seeds, Δ vs zero-shot, costs.
+
+    The Δ is a paired bootstrap (``n_boot`` draws) on the same test items; its p-value cannot resolve below
+    ``1 / n_boot``, which the row records as ``delta_n_boot`` so the table prints ``p<0.001`` rather than ``p=0.000``.
+    """
     base = results.get("zeroshot")
     base_items = base.per_item.get("zeroshot") if base is not None else None
     rows: list[dict[str, Any]] = []
@@ -147,8 +154,8 @@ def comparison_rows(results: Mapping[str, RunResult]) -> list[dict[str, Any]]:
             }
             items = r.per_item.get(setting)
             if base_items is not None and items is not None and r is not base:
-                test = paired_bootstrap(items, base_items, seed=0)
+                test = paired_bootstrap(items, base_items, n_boot=n_boot, seed=0)
                 row.update(delta_vs_zeroshot=test["diff"], delta_ci_low=test["ci_low"],
-                           delta_ci_high=test["ci_high"], delta_p_value=test["p_value"])
+                           delta_ci_high=test["ci_high"], delta_p_value=test["p_value"], delta_n_boot=n_boot)
             rows.append(row)
     return rows

@@ -15,16 +15,22 @@ from ..metrics.bootstrap import classification_intervals
 from ..metrics.classification import classification_metrics
 from .costs import encoder_ms_per_item
 
+#: the score of a class a head never saw: below any real score, but finite, so metrics and intervals stay defined
+UNSEEN_CLASS_SCORE = -1e30
+
 
 def full_scores(head: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """Class scores [n, n_classes] in the dataset's class order; classes the head never saw get -inf."""
+    """Class scores [n, n_classes] in the dataset's class order; classes the head never saw score lowest.
+
+    Their items therefore count as errors (top-1) and rank their class last (top-k), as for any wrong prediction.
+    """
     raw = np.asarray(head.scores(X), dtype=np.float64)
     if raw.ndim == 1:  # a binary head returning one column
         raw = np.stack([-raw, raw], axis=1)
     classes = np.asarray(head.classes_).astype(np.int64)
     if len(classes) == n_classes and np.array_equal(classes, np.arange(n_classes)):
         return raw
-    out = np.full((X.shape[0], n_classes), -np.inf)
+    out = np.full((X.shape[0], n_classes), UNSEEN_CLASS_SCORE)
     out[:, classes] = raw
     return out
 
@@ -53,7 +59,9 @@ def prediction_rows(emb: LabelledEmbeddings, idx: np.ndarray, scores: np.ndarray
 
 
 def eval_split(emb: LabelledEmbeddings, split: str) -> np.ndarray:
-    idx = emb.index(split)
+    """Positions of the labelled items to report on: one split, or ``"all"`` of them (for rungs that learn nothing
+    from labels, like zero-shot, every labelled item is a fair test item)."""
+    idx = np.flatnonzero(emb.y >= 0) if split == "all" else emb.index(split)
     if idx.size == 0:
         raise EncoderlabError(f"split {split!r} has no labelled items", "choose another --split")
     return idx
@@ -64,7 +72,7 @@ def encoder_cost(encoder: Encoder, emb: LabelledEmbeddings, split: str, given: f
     if given is not None:
         return given
     mask = np.zeros(len(emb.dataset), dtype=bool)
-    mask[emb.rows[emb.index(split, labelled=False)]] = True
+    mask[emb.rows if split == "all" else emb.rows[emb.index(split, labelled=False)]] = True
     return encoder_ms_per_item(encoder, emb.dataset.subset(mask), emb.modality)
 
 

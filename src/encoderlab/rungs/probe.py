@@ -95,23 +95,29 @@ class _Protocol:
         self.train, self.val, self.test = emb.index("train"), emb.index("val"), eval_split(emb, "test")
         if self.train.size == 0:
             raise EncoderlabError("the train split has no labelled items", "make splits with --split-ratios")
-        if emb.validation_note:
-            self.notes.append(emb.validation_note)
+        self.notes += emb.notes()
 
-    def fit(self, s: int, refit: bool, tr: np.ndarray, va: np.ndarray | None) -> tuple[Any, float, np.ndarray]:
-        """A fitted head, its fit time and its scores on the test items."""
+    def fit(self, s: int, refit: bool, tr: np.ndarray, va: np.ndarray | None
+            ) -> tuple[Any, float, np.ndarray, np.ndarray | None]:
+        """A fitted head, its fit time, its scores on the test items, and the val items it chose on.
+
+        Val items of a class with no item in ``tr`` are left out: no head fit on ``tr`` can predict that class, so
+        they would add the same error to every candidate (and the heads refuse labels they were not fit on).
+        """
+        if va is not None:
+            va = va[np.isin(self.emb.y[va], self.emb.y[tr])]
         t0 = time.perf_counter()
         head = _fit(self.rung, self.context(s, refit), self.emb, tr, va)
         fit_s = time.perf_counter() - t0
-        return head, fit_s, full_scores(head, self.emb.X[self.test], self.emb.n_classes)
+        return head, fit_s, full_scores(head, self.emb.X[self.test], self.emb.n_classes), va
 
     def full(self) -> Any:
         """Fit on train, choose on val, refit on train + val; report test."""
         emb, test = self.emb, self.test
-        head, fit_s, scores = self.fit(self.seed, True, self.train, self.val)
+        head, fit_s, scores, va = self.fit(self.seed, True, self.train, self.val)
         self.metrics.update(evaluate(emb.y[test], scores, emb.classes, self.n_boot, self.seed))
         self.costs["fit_seconds"] = round(fit_s, 4)
-        self.settings.append(_record(head, "full", self.train, self.val, fit_s, self.rung, "val", emb.classes))
+        self.settings.append(_record(head, "full", self.train, va, fit_s, self.rung, "val", emb.classes))
         self.preds.append(prediction_rows(emb, test, scores, "full"))
         self.per_item["full"] = per_item_topk_correct(emb.y[test], scores, 1).astype(float)
         return head
@@ -128,7 +134,7 @@ class _Protocol:
             va = emb.k_shot(min(k, FEW_SHOT_VAL_SHOTS), s, "val")[0] if self.val.size else None
             if note and s == 0:
                 self.notes.append(f"{k}-shot: {note}")
-            head, fit_s, scores = self.fit(s, False, tr, va)
+            head, fit_s, scores, va = self.fit(s, False, tr, va)
             fit_times.append(fit_s)
             per_seed.append(classification_metrics(yt, scores, emb.classes))
             correct += per_item_topk_correct(yt, scores, 1)

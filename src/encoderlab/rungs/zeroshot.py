@@ -58,7 +58,8 @@ def run_zeroshot(
     seed: int = 0,
     encoder_ms: float | None = None,
 ) -> RunResult:
-    """Zero-shot classification of ``split`` with a prompt ensemble; optionally every template alone as well."""
+    """Zero-shot classification of ``split`` ("all": every labelled item) with a prompt ensemble; optionally every
+    template alone as well."""
     template_list = load_templates(templates)
     t0 = time.perf_counter()
     head, prompt_emb, names = zeroshot_classifier(encoder, emb.classes, store, template_list, class_names)
@@ -85,6 +86,7 @@ def run_zeroshot(
         "n_boot": n_boot, "seed": seed, "modality": emb.modality,
         "chosen": {"templates": "fixed (the ensemble given; --compare-templates scores each on val)"},
         "labels_used": 0,
+        "notes": [n for n in [emb.unlabelled_note()] if n],  # nothing is chosen on val, and no class needs training
     }
     return RunResult("zeroshot", metrics, costs, config, data_provenance(emb.dataset, {split: list(emb.ids[idx])}),
                      predictions=prediction_rows(emb, idx, scores, "zeroshot"), extra=extra,
@@ -94,7 +96,7 @@ def run_zeroshot(
 def compare_template_scores(emb: LabelledEmbeddings, prompt_emb: np.ndarray, templates: list[str],
                             ensemble: ZeroShotClassifier, split: str) -> list[dict[str, Any]]:
     """top-1 of each template alone and of the ensemble, on val (to choose by) and on the reported split."""
-    where = {"val": emb.index("val") if "val" in set(emb.split.tolist()) else None, split: emb.index(split)}
+    where = {"val": emb.index("val") if "val" in set(emb.split.tolist()) else None, split: eval_split(emb, split)}
 
     def top1(head: ZeroShotClassifier, idx: np.ndarray | None) -> float | None:
         if idx is None or idx.size == 0:
