@@ -18,12 +18,13 @@ import pytest
 from encoderlab.cli import main
 from encoderlab.data import load_dataset
 from encoderlab.encoders import create_encoder
+from encoderlab.encoders.base import TrainingItems
 from encoderlab.errors import EncoderlabError, UnknownNameError
 from encoderlab.extract import labelled_embeddings
 from encoderlab.heads import ZeroShotClassifier
 from encoderlab.ladder import run_comparison
 from encoderlab.results import SCHEMA_VERSION, RunResult, default_run_dir, read_run, write_run
-from encoderlab.rungs import HeadContext, RungInputs, RungOptions, create_rung, list_rungs, run_probe
+from encoderlab.rungs import HeadContext, RungInputs, RungOptions, create_rung, list_rungs, run_probe, run_retrieval
 from encoderlab.rungs.zeroshot import zeroshot_classifier
 from encoderlab.store import EmbeddingStore
 from encoderlab.testing import ColorEncoder, color_dataset, color_spec, registered_color_encoder
@@ -312,3 +313,49 @@ def test_unlabelled_items_are_counted_and_reported(color_data, store):
     assert comp.result.data["unlabelled"] == 9
     assert note in comp.results["linear"].config["notes"] and note in comp.results["zeroshot"].config["notes"]
     assert f"note: {note}" in comp.format()
+
+
+class TrainedColor(ColorEncoder):
+    """The colour encoder pretending encoderlab trained it on the train split's images and captions."""
+
+    def __init__(self, seen: TrainingItems) -> None:
+        super().__init__()
+        self.spec, self._seen = "trained-color", seen
+
+    def training_items(self) -> TrainingItems:
+        return self._seen
+
+
+def test_evaluating_on_items_the_model_was_trained_on_warns_and_counts(color_data, store):
+    from encoderlab.hashing import image_key, text_key
+
+    train = color_data.select_split("train").table
+    seen = TrainingItems(train={"image": frozenset(image_key(p) for p in train["image"]),
+                                "text": frozenset(text_key(t) for ts in train["texts"] for t in ts)},
+                         val={}, source="colours")
+    enc = TrainedColor(seen)
+    comp = run_comparison(enc, color_data, store, shots=[1], seeds=2, n_boot=50, templates="name", progress=False)
+    clean = comp.results["zeroshot"].data["seen_in_training"]
+    assert clean == {"items": 0, "of": 6, "modality": "image", "warning": ""}  # test items were never seen
+    assert not any(n.startswith("warning:") for n in comp.result.config["notes"])
+    # the caption shared by every image was seen in training: counted, not warned about
+    assert comp.results["retrieval"].data["seen_in_training"]["text"]["items"] == 1
+    # the same model evaluated on its training split
+    emb = labelled_embeddings(enc, color_data, store, progress=False)
+    from encoderlab.rungs import run_zeroshot
+
+    on_train = run_zeroshot(enc, emb, store, templates="name", split="train", n_boot=50)
+    assert on_train.data["seen_in_training"]["items"] == 24 == on_train.data["seen_in_training"]["of"]
+    assert any(n.startswith("warning: 24 of 24 train items were used to train or select trained-color")
+               for n in on_train.config["notes"])
+    rt = run_retrieval(enc, color_data, store, split="train", n_boot=50, progress=False)
+    assert rt.data["seen_in_training"]["image"]["items"] == 24
+    assert rt.data["seen_in_training"]["text"]["items"] == rt.metrics["texts"]  # every train caption was seen
+    assert len(rt.config["notes"]) == 1 and "24 of 24 train images" in rt.config["notes"][0]
+    # a re-split under another seed puts some training items into test: counted, and the table says so
+    resplit = load_dataset(color_spec(color_dataset(color_data.root, seed=0)), splits={"train": 0.5, "test": 0.5},
+                           seed=3)
+    comp = run_comparison(enc, resplit, store, rungs=["zeroshot", "knn"], n_boot=50, shots=[1], seeds=2,
+                          templates="name", progress=False)
+    n = comp.results["zeroshot"].data["seen_in_training"]["items"]
+    assert n > 0 and any(f"warning: {n} of" in note for note in comp.result.config["notes"])

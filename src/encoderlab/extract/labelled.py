@@ -16,6 +16,7 @@ from ..data.manifest import Dataset
 from ..data.splits import k_shot_sample
 from ..encoders.base import Encoder
 from ..errors import EncoderlabError, close_matches
+from ..hashing import text_key
 from ..store import EmbeddingStore
 from .embeddings import image_embeddings, text_embeddings
 from .loop import ExtractResult
@@ -35,6 +36,7 @@ class LabelledEmbeddings:
     split: np.ndarray
     classes: list[str]
     extract: ExtractResult | None
+    keys: np.ndarray | None = None  # content key of each X row (image file hash / text hash), as the store keys it
 
     def index(self, split: str, *, labelled: bool = True) -> np.ndarray:
         """Positions (into X) of one split's rows; an unknown split fails with the available ones."""
@@ -143,14 +145,17 @@ def labelled_embeddings(
             raise EncoderlabError(f"dataset {dataset.source!r} has no images", "use --modality text or another dataset")
         emb = image_embeddings(encoder, dataset, store, progress=progress)
         X, rows, result = emb.X, emb.rows, emb.result
+        keys = np.asarray([result.keys[int(r)] for r in rows], dtype=object)
     else:
         firsts = [t[0] if t else None for t in dataset.table["texts"]]
         rows = np.asarray([i for i, t in enumerate(firsts) if t is not None], dtype=np.int64)
         if rows.size == 0:
             raise EncoderlabError(f"dataset {dataset.source!r} has no texts", "use --modality image or another dataset")
         X = text_embeddings(encoder, [firsts[i] for i in rows], store, progress=progress)
+        keys = np.asarray([text_key(firsts[i]) for i in rows], dtype=object)
     t = dataset.table.iloc[rows]
     class_index = {c: i for i, c in enumerate(classes)}
     y = np.asarray([class_index.get(v, -1) if v is not None else -1 for v in t["label"]], dtype=np.int64)
     split = np.asarray([s if isinstance(s, str) else None for s in t["split"]], dtype=object)
-    return LabelledEmbeddings(dataset, modality, X, rows, np.asarray(t["id"].astype(str)), y, split, classes, result)
+    return LabelledEmbeddings(dataset, modality, X, rows, np.asarray(t["id"].astype(str)), y, split, classes, result,
+                              keys)

@@ -95,6 +95,8 @@ def run_comparison(
         notes = inputs.labelled().notes()
     else:
         notes = [n for n in [validation_note(inputs.dataset.split_info)] if n]
+    for r in results.values():  # warnings of any rung (e.g. items the model was trained on) belong on the whole table
+        notes += [n for n in r.config.get("notes", []) if n.startswith("warning:") and n not in notes]
     comp = Comparison(results, rows, skipped)
     comp.result = comparison_result(encoder, inputs.dataset, comp, names, options, probe_features, notes)
     if out_dir is not None:

@@ -3,6 +3,7 @@ the encoder's per-item cost, and the record of which knobs a head chose and how.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -97,3 +98,25 @@ def chosen_knobs(head: Any, knobs: tuple[str, ...], on: str) -> dict[str, Any]:
             values[name] = v
     swept = bool(getattr(head, "sweep_", []))
     return {"knobs": values, "chosen_by": on if swept else "fixed"}
+
+
+def seen_in_training(encoder: Encoder, keys: Sequence[str | None], modality: str, what: str,
+                     warn: bool = True) -> dict[str, Any]:
+    """How many evaluated items ``encoder`` was itself trained or selected on, and a warning when any.
+
+    ``keys`` are the content keys of the evaluated items (``what`` names them in the message: "test images").
+    Returns ``{"items", "of", "modality", "warning"}``; ``items`` is 0 and ``warning`` "" for an encoder encoderlab
+    did not train (``Encoder.training_items()`` is None) or one that never saw these items. ``warn=False`` counts
+    without warning (a generic caption such as "a photo" seen in training says little about the test pairs).
+    """
+    trained = encoder.training_items()
+    if trained is None:
+        return {"items": 0, "of": len(keys), "modality": modality, "warning": ""}
+    seen = trained.seen(modality)
+    n = sum(1 for k in keys if k is not None and k in seen)
+    warning = ""
+    if n and warn:
+        warning = (f"warning: {n} of {len(keys)} {what} were used to train or select {encoder.spec} "
+                   f"(on {trained.source or 'its training data'}): its numbers on them are optimistic; evaluate on "
+                   "items it has not seen (the split it was trained with, same --seed and --split-ratios)")
+    return {"items": n, "of": len(keys), "modality": modality, "warning": warning}

@@ -30,7 +30,15 @@ from ..metrics.classification import classification_metrics, per_item_topk_corre
 from ..results import RunResult, data_provenance
 from ..store import EmbeddingStore
 from .base import HeadContext, Rung, RungInputs, RungOptions, create_rung, list_rungs
-from .common import chosen_knobs, encoder_cost, eval_split, evaluate, full_scores, prediction_rows
+from .common import (
+    chosen_knobs,
+    encoder_cost,
+    eval_split,
+    evaluate,
+    full_scores,
+    prediction_rows,
+    seen_in_training,
+)
 from .costs import ms_per_item, n_params, peak_rss_mb
 from .zeroshot import zeroshot_classifier
 
@@ -225,6 +233,11 @@ def run_probe(
         config["templates"] = templates if isinstance(templates, str) else "list"
     data = data_provenance(emb.dataset, {split: list(emb.ids[idx]) for split, idx in
                                          (("train", run.train), ("val", run.val), ("test", run.test))})
+    # a head on features of a model trained on these test items inherits that optimism (tower features do not)
+    keys = [] if emb.keys is None else list(emb.keys[run.test])
+    data["seen_in_training"] = seen = seen_in_training(encoder, keys, emb.modality, "test items")
+    if seen["warning"]:
+        config["notes"].append(seen["warning"])
     return RunResult(f"probe-{rung.name}", run.metrics, run.costs, config, data,
                      primary="top1" if full else f"{max(ks)}-shot/top1",
                      predictions=pd.concat(run.preds, ignore_index=True) if run.preds else None,

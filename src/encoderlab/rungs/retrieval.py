@@ -18,12 +18,14 @@ from ..data.manifest import Dataset
 from ..encoders.base import Encoder
 from ..errors import EncoderlabError
 from ..extract.embeddings import caption_pairs, image_embeddings, text_embeddings
+from ..hashing import text_key
 from ..metrics.bootstrap import bootstrap_ci
 from ..metrics.retrieval import metrics_from_ranks, per_query_hits, reciprocal_ranks, retrieval_ranks
 from ..normalize import normalize_rows
 from ..results import RunResult, data_provenance
 from ..store import EmbeddingStore
 from .base import Rung, RungInputs, RungOptions, register_rung
+from .common import seen_in_training
 from .costs import encoder_ms_per_item, peak_rss_mb
 
 
@@ -84,6 +86,15 @@ def run_retrieval(
               "chunk_size": chunk_size, "n_boot": n_boot, "seed": seed, "similarity": "cosine",
               "duplicates": "a caption shared by several images is one text with several positive images"}
     data = data_provenance(dataset, {split or "all": list(ids)})
+    where = f"{split or 'all'} images"
+    image_keys = [emb.result.keys[int(r)] for r in emb.rows]
+    data["seen_in_training"] = {
+        "image": seen_in_training(encoder, image_keys, "image", where),
+        # captions repeat across images ("a photo of a dog"), so a seen caption alone is counted, not warned about
+        "text": seen_in_training(encoder, [text_key(t) for t in texts], "text", f"{split or 'all'} captions",
+                                 warn=False),
+    }
+    config["notes"] = [s["warning"] for s in data["seen_in_training"].values() if s["warning"]]
     return RunResult("retrieval", metrics, costs, config, data, primary="i2t_R@1", predictions=predictions)
 
 

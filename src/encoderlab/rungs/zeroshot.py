@@ -18,7 +18,7 @@ from ..metrics.classification import per_item_topk_correct
 from ..results import RunResult, data_provenance
 from ..store import EmbeddingStore
 from .base import Rung, RungInputs, RungOptions, register_rung
-from .common import encoder_cost, eval_split, evaluate, prediction_rows
+from .common import encoder_cost, eval_split, evaluate, prediction_rows, seen_in_training
 from .costs import ms_per_item, peak_rss_mb
 
 
@@ -88,9 +88,17 @@ def run_zeroshot(
         "labels_used": 0,
         "notes": [n for n in [emb.unlabelled_note()] if n],  # nothing is chosen on val, and no class needs training
     }
-    return RunResult("zeroshot", metrics, costs, config, data_provenance(emb.dataset, {split: list(emb.ids[idx])}),
+    data = data_provenance(emb.dataset, {split: list(emb.ids[idx])})
+    data["seen_in_training"] = seen = seen_in_training(encoder, _keys(emb, idx), emb.modality, f"{split} items")
+    if seen["warning"]:
+        config["notes"].append(seen["warning"])
+    return RunResult("zeroshot", metrics, costs, config, data,
                      predictions=prediction_rows(emb, idx, scores, "zeroshot"), extra=extra,
                      per_item={"zeroshot": per_item_topk_correct(y, scores, 1).astype(float)})
+
+
+def _keys(emb: LabelledEmbeddings, idx: np.ndarray) -> list[str | None]:
+    return [] if emb.keys is None else list(emb.keys[idx])
 
 
 def compare_template_scores(emb: LabelledEmbeddings, prompt_emb: np.ndarray, templates: list[str],
