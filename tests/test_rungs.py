@@ -359,3 +359,22 @@ def test_evaluating_on_items_the_model_was_trained_on_warns_and_counts(color_dat
                           templates="name", progress=False)
     n = comp.results["zeroshot"].data["seen_in_training"]["items"]
     assert n > 0 and any(f"warning: {n} of" in note for note in comp.result.config["notes"])
+
+
+def test_test_items_with_an_identical_copy_in_train_are_reported(tmp_path, store):
+    import shutil
+
+    path = color_dataset(tmp_path / "colors")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    train_row = next(r for r in rows if r["split"] == "train")
+    copy = tmp_path / "colors" / "renamed_copy.png"
+    shutil.copy(train_row["image"], copy)  # the same bytes under another name, in test
+    rows.append({**train_row, "image": str(copy), "split": "test"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    enc = create_encoder("test-color", device="cpu")
+    emb = labelled_embeddings(enc, load_dataset(color_spec(path)), store, progress=False)
+    assert emb.test_items_with_copies() == 1
+    assert any(n.startswith("1 test item(s) have an identical copy") for n in emb.notes())
+    clean = labelled_embeddings(enc, load_dataset(color_spec(color_dataset(tmp_path / "clean"))), store,
+                                progress=False)
+    assert clean.test_items_with_copies() == 0 and clean.notes() == []

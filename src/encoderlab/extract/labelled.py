@@ -74,7 +74,23 @@ class LabelledEmbeddings:
     def notes(self) -> list[str]:
         """What a user must know about these embeddings before reading a result: a carved validation split,
         unlabelled items left out, classes with no training items."""
-        return [n for n in (self.validation_note, self.unlabelled_note(), self.untrained_class_note()) if n]
+        return [n for n in (self.validation_note, self.unlabelled_note(), self.untrained_class_note(),
+                            self.duplicate_note()) if n]
+
+    def test_items_with_copies(self) -> int:
+        """Test items whose exact content (same file bytes / same text) is also in train or val: a leak of labels."""
+        if self.keys is None:
+            return 0
+        known = {k for k, s in zip(self.keys, self.split) if s in ("train", "val") and k is not None}
+        return int(sum(1 for k, s in zip(self.keys, self.split) if s == "test" and k in known))
+
+    def duplicate_note(self) -> str:
+        n = self.test_items_with_copies()
+        if not n:
+            return ""
+        what = "images" if self.modality == "image" else "texts"
+        return (f"{n} test item(s) have an identical copy (same {what[:-1]} content) in train or val: a head can "
+                "look their labels up, so test numbers on them are optimistic")
 
     def unlabelled_note(self) -> str:
         """A sentence counting the usable items without a label, which classification leaves out ("" if none)."""
