@@ -37,18 +37,20 @@ TINY_VISION = dict(image_size=32, patch_size=8, num_channels=3, **TINY_TEXT)
 
 @pytest.fixture(autouse=True, scope="session")
 def _runs_in_a_temporary_home(tmp_path_factory):
-    """Commands run without --out write their run directories under a temporary ENCODERLAB_HOME, not the user's.
+    """Tests never write into the user's runs or store: ENCODERLAB_HOME is a temporary directory for the session.
 
-    The fetched data sets, the embedding store and the compiled-model cache stay the real ones (symlinked), so
-    real-data tests find the packaged sets and reuse cached features.
+    The fetched data sets and the compiled-model cache are the real ones (symlinked, read-mostly), so real-data
+    tests find the packaged sets. The default store is a store of the tests' own, kept between runs beside the
+    user's (``$ENCODERLAB_HOME/test-store``), so the spaces of the temporary models tests train never land in the
+    user's store, and real-data tests extract the packaged sets once, not per run.
     """
     from encoderlab import paths
 
     real = paths.home()
     home = tmp_path_factory.mktemp("encoderlab-home")
-    for name in ("data", "store", "compiled"):
-        (real / name).mkdir(parents=True, exist_ok=True)
-        (home / name).symlink_to(real / name, target_is_directory=True)
+    for name, target in (("data", "data"), ("compiled", "compiled"), ("store", "test-store")):
+        (real / target).mkdir(parents=True, exist_ok=True)
+        (home / name).symlink_to(real / target, target_is_directory=True)
     patch = pytest.MonkeyPatch()
     patch.setenv("ENCODERLAB_HOME", str(home))
     yield home
