@@ -64,7 +64,10 @@ def eval_split(emb: LabelledEmbeddings, split: str) -> np.ndarray:
     from labels, like zero-shot, every labelled item is a fair test item)."""
     idx = np.flatnonzero(emb.y >= 0) if split == "all" else emb.index(split)
     if idx.size == 0:
-        raise EncoderlabError(f"split {split!r} has no labelled items", "choose another --split")
+        have = sorted({str(x) for x, y in zip(emb.split, emb.y) if y >= 0 and x is not None})
+        raise EncoderlabError(f"split {split!r} of {emb.dataset.source!r} has no labelled items",
+                              f"report on a split that has some ({', '.join(have) or 'none has any'}), or re-split "
+                              "with --split-ratios train=0.8,val=0.1,test=0.1")
     return idx
 
 
