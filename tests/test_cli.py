@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoderlab.cli import main
+from encoderlab.cli import build_parser, main, walk_parsers
 
 
 def run_json(capsys, argv: list[str]) -> dict:
@@ -97,12 +97,16 @@ def test_debug_shows_the_traceback(folder):
         main(["data", "inspect", f"folder:{folder}", "--split", "tset", "--debug"])
 
 
-@pytest.mark.parametrize("cmd", [["encoders", "list"], ["data", "fetch"], ["data", "inspect"], ["embed"]])
-def test_help_has_an_example(capsys, cmd):
-    with pytest.raises(SystemExit) as e:
-        main([*cmd, "--help"])
-    assert e.value.code == 0
-    assert "example:" in capsys.readouterr().out
+def test_help_has_an_example(capsys):
+    """Every parser in the tree, the top one and the groups included, ends its --help with examples."""
+    paths = [path for path, _ in walk_parsers(build_parser())]
+    assert {(), ("data",), ("store",), ("encoders",), ("rungs",), ("embed",), ("store", "export")} <= set(paths)
+    for path in paths:
+        with pytest.raises(SystemExit) as e:
+            main([*path, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "\nexample:\n  encoderlab " in out, path
 
 
 def test_store_verify_finds_and_repairs_a_corrupt_shard(capsys, folder, tmp_path, tiny_clip_dir):

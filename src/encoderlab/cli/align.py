@@ -8,11 +8,26 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EncoderlabError
+from ..results.run import check_out_dir
 from ..results.tables import retrieval_table
-from .options import add_parser, add_run_options, check_spec, load_data, open_store, progress, say
+from .options import (
+    add_parser,
+    add_run_options,
+    check_spec,
+    int_at_least,
+    load_data,
+    open_store,
+    positive_float,
+    positive_int,
+    progress,
+    say,
+)
 
 
 def register(sub: Any) -> None:
+    from ..train.align import AlignConfig
+
+    d = AlignConfig()  # the trainer's defaults, said in the help without passing them (a changed one follows)
     p = add_parser(sub, "align", "align a frozen image encoder and a frozen text encoder with projection heads "
                                  "(LiT-style); the result loads as local:DIR",
                    "encoderlab align --vision efficientnet-lite0 --text minilm-l6 --data openclipart "
@@ -22,11 +37,13 @@ def register(sub: Any) -> None:
     p.add_argument("--vision", required=True, help="image encoder spec, e.g. efficientnet-lite0")
     p.add_argument("--text", required=True, help="text encoder spec, e.g. minilm-l6")
     p.add_argument("--head", choices=["linear", "mlp"], default="linear", help="projection head (default: %(default)s)")
-    p.add_argument("--dim", type=int, default=256, help="joint embedding size (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the trainer's)")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: the trainer's)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the trainer's)")
-    p.add_argument("--patience", type=int, default=None, help="epochs without val improvement before stopping")
+    p.add_argument("--dim", type=positive_int, default=256, help="joint embedding size, >= 1 (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=None, help=f"maximum epochs, >= 1 (default: {d.epochs})")
+    p.add_argument("--batch-size", type=int_at_least(2, " (a contrastive batch needs negatives)"), default=None,
+                   help=f"pairs per step, >= 2 (default: {d.batch_size})")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"learning rate, > 0 (default: {d.lr:g})")
+    p.add_argument("--patience", type=positive_int, default=None,
+                   help=f"epochs without val improvement before stopping, >= 1 (default: {d.patience})")
     p.add_argument("--shuffle-pairs", action="store_true",
                    help="control run: captions shuffled across images (held-out retrieval should fall to chance)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out test retrieval after training")
@@ -45,9 +62,10 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
                               "add e.g. --out ~/models/aligned; it then loads as local:~/models/aligned")
     check_spec(args.vision)
     check_spec(args.text)
-    ds = load_data(args, whole=True).ensure_validation(seed=args.seed)
-    store = open_store(args)
     model_dir = Path(args.out).expanduser()
+    check_out_dir(model_dir, fix="pass an --out MODEL_DIR in a directory you can write to")  # before any work
+    store = open_store(args)
+    ds = load_data(args, whole=True).ensure_validation(seed=args.seed)
     options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "patience") if getattr(args, k) is not None}
     show = progress(args)
     result = align_encoders(args.vision, args.text, ds.select_split("train"), ds.select_split("val"), model_dir,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..results.tables import format_table, skipped_lines
-from .options import add_common, add_data_options, add_parser, load_data, progress, say, warn
+from ..results.tables import format_table
+from .options import add_common, add_data_options, add_max_pixels_option, add_parser, load_data, progress, say, warn
 
 
 def register(sub: Any) -> None:
@@ -28,13 +30,15 @@ def register(sub: Any) -> None:
         "image passes the check) "
         "per split and class, and lists every skipped file with its reason: those dropped while listing plus those "
         "failing the check. The default check reads each image's header and, for PNG/JPEG, its tail (truncated "
-        "files); --decode decodes everything. In --json, 'items' is an alias of 'usable'."
+        "files); --decode decodes everything. It also counts usable items without a label ('unlabelled': "
+        "classification leaves them out) and groups of identical image files that sit in more than one split "
+        "('duplicates_across_splits'; not checked with --split). In --json, 'items' is an alias of 'usable'."
     )
     p.add_argument("data", help="dataset spec: emoji, openclipart, folder:PATH, csv:PATH, jsonl:PATH, parquet:PATH")
     p.add_argument("--split", help="only this split")
     p.add_argument("--decode", action="store_true",
                    help="fully decode every image (slower; finds corrupt pixel data the header and tail checks miss)")
-    p.add_argument("--max-pixels", type=int, default=None, help="pixel limit per image (decompression-bomb guard)")
+    add_max_pixels_option(p)
     add_data_options(p)
     add_common(p)
     p.set_defaults(func=cmd_data_inspect)
@@ -57,20 +61,25 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict[str, Any]:
     ``rows == usable + len(skipped)``: a file dropped while listing (a dangling symlink, a CSV row naming a missing
     image) counts as a row that is skipped, exactly like a file the image check rejects.
     """
-    from ..data.audit import check_images
+    from ..data.audit import audit_images, cross_split_duplicates, duplicates_summary
 
     ds = load_data(args)
     images = ds.table["image"]
-    bad = check_images([p for p in images if p is not None], decode=args.decode, max_pixels=args.max_pixels,
-                       progress=progress(args))
+    # Duplicates across splits need every split; with --split only one is loaded, so the hashing is skipped.
+    want_keys = not getattr(args, "split", None)
+    bad, keys = audit_images([p for p in images if p is not None], decode=args.decode, max_pixels=args.max_pixels,
+                             progress=progress(args), keys=want_keys)
     bad_paths = {b["path"] for b in bad}
     # A text-only row has nothing to check; a row whose image failed the check would be skipped by `embed`.
     good = [p is None or p not in bad_paths for p in images]
-    usable = ds.table[good]
+    usable = ds.subset(good)
     skipped = list(ds.skipped) + bad
     # Every listed split/class appears, with 0 when none of its items is usable: an emptied class must show.
-    split_counts = usable["split"].value_counts()
-    class_counts = usable["label"].value_counts()
+    split_counts = usable.table["split"].value_counts()
+    class_counts = usable.table["label"].value_counts()
+    groups = None
+    if want_keys:
+        groups = cross_split_duplicates(usable, [keys.get(p) if p is not None else None for p in usable.table["image"]])
     out = {
         "data": ds.source,
         "rows": len(ds) + len(ds.skipped),  # what the source holds: usable + skipped
@@ -79,6 +88,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict[str, Any]:
         "classes": ds.classes,
         "splits": {s: int(split_counts.get(s, 0)) for s in ds.splits},
         "class_counts": {c: int(class_counts.get(c, 0)) for c in ds.classes},
+        "unlabelled": usable.unlabelled,
+        "duplicates_across_splits": duplicates_summary(groups) if groups is not None else None,
         "split_info": ds.split_info,
         "check": "decode" if args.decode else "header",
         "skipped": skipped,
@@ -91,5 +102,35 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict[str, Any]:
         counts = out["class_counts"]
         if counts:
             say(format_table([[c, n] for c, n in sorted(counts.items(), key=lambda kv: -kv[1])], ["class", "usable"]))
-        warn(skipped_lines(skipped))
+        say(usable.unlabelled_note())
+        if groups:
+            say(_duplicates_text(groups, str(ds.root)))
+        warn(_skipped_text(skipped))
     return out
+
+
+def _duplicates_text(groups: Sequence[Mapping[str, Any]], root: str, examples: int = 3, paths: int = 3) -> str:
+    """The duplicate note and a few example groups, one line each: ``test+train: a.png = b.png`` (paths relative
+    to the dataset root when under it, so a line shows the names, not the same long prefix three times)."""
+    from ..data.audit import duplicates_note
+
+    prefix = root.rstrip(os.sep) + os.sep
+    lines = [f"{duplicates_note(groups)}, e.g. (under {root}):"]
+    for g in groups[:examples]:
+        shown = " = ".join(str(p)[len(prefix):] if str(p).startswith(prefix) else str(p) for p in g["paths"][:paths])
+        more = f" (+{len(g['paths']) - paths} more)" if len(g["paths"]) > paths else ""
+        lines.append(f"  {'+'.join(g['splits'])}: {shown}{more}")
+    if len(groups) > examples:
+        lines.append(f"  ... and {len(groups) - examples} more group(s) (see --json)")
+    return "\n".join(lines)
+
+
+def _skipped_text(skipped: Sequence[Mapping[str, Any]], limit: int = 10) -> str:
+    """Skipped files and why, the first ``limit``; inspect writes no run directory, so the rest is in --json."""
+    if not skipped:
+        return ""
+    out = [f"skipped {len(skipped)} file(s):"]
+    out += [f"  {s['path']}: {s['reason']}" for s in skipped[:limit]]
+    if len(skipped) > limit:
+        out.append(f"  ... and {len(skipped) - limit} more (rerun with --json for the full list)")
+    return "\n".join(out)

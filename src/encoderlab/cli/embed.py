@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..results import RunResult, data_provenance, resolve_run_dir, write_run
+from ..results import RunResult, data_provenance, write_run
+from ..results.run import SKIPPED_NAME
 from ..results.tables import format_table, skipped_lines
 from .options import (
     add_common,
     add_data_options,
     add_device_options,
+    add_max_pixels_option,
     add_parser,
     add_store_option,
     check_spec,
     load_data,
     make_encoder,
+    non_negative_int,
     open_store,
+    positive_int,
+    prepare_run_dir,
     progress,
     say,
     warn,
@@ -36,10 +41,12 @@ def register(sub: Any) -> None:
     add_store_option(p)
     p.add_argument("--out",
                    help="run directory for results.json and skipped.jsonl (default: under $ENCODERLAB_HOME/runs)")
-    p.add_argument("--batch-size", type=int, help="images/texts per forward (default: chosen per encoder and device)")
-    p.add_argument("--workers", type=int, help="image decode worker processes (default: half the cores)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="images/texts per forward, >= 1 (default: chosen per encoder and device)")
+    p.add_argument("--workers", type=non_negative_int,
+                   help="image decode worker processes; 0 decodes in this process (default: half the cores)")
     add_device_options(p)
-    p.add_argument("--max-pixels", type=int, default=None, help="pixel limit per image (decompression-bomb guard)")
+    add_max_pixels_option(p)
     p.add_argument("--strict", action="store_true", help="fail on the first file that cannot be used")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_data_options(p)
@@ -51,15 +58,16 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from ..extract.embed import check_strict, embed_dataset
 
     check_spec(args.encoder)
+    # Cheap checks of where things go come before the data is read and the model loaded, so they fail first.
+    out_dir = prepare_run_dir(args, "embed", args.encoder)
+    store = open_store(args)
     ds = load_data(args)
     if args.strict:
         check_strict(ds)  # before the model is even loaded
     encoder = make_encoder(args)
-    store = open_store(args)
     summary = embed_dataset(encoder, ds, store, args.modality, batch_size=args.batch_size, num_workers=args.workers,
                             max_pixels=args.max_pixels, strict=args.strict, progress=progress(args))
     results = summary.pop("results")
-    out_dir = resolve_run_dir(args.out, "embed", encoder.spec)
     summary.update(split=args.split, run_dir=str(out_dir))
     metrics = {k: summary[k] for k in ("items", "encoded", "cached", "items_per_s")}
     metrics["skipped"] = len(summary["skipped"])
@@ -72,6 +80,6 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
         say(format_table([[r.modality, r.items, r.encoded, r.cached, len(r.skipped), f"{r.items_per_s:.1f}",
                            f"{r.seconds:.1f}"] for r in results],
                          ["modality", "items", "encoded", "cached", "skipped", "items/s", "seconds"]))
-        warn(skipped_lines(summary["skipped"]))
+        warn(skipped_lines(summary["skipped"], full_list=f"{out_dir / SKIPPED_NAME} and --json"))
         say(f"store: {store.root}\nrun:   {out_dir}")
     return summary

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,99 @@ from ..errors import EncoderlabError
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
+#: fewer bootstrap resamples than this give no meaningful 95% interval (its ends would be the 2nd-3rd smallest and
+#: largest of a handful of values), so ``--n-boot`` refuses them rather than print a "95% CI" that is not one
+MIN_N_BOOT = 100
+
+
+def examples(text: str) -> str:
+    """The ``example:`` epilog of a parser, one command per line of ``text``."""
+    return "example:\n  " + "\n  ".join(text.strip().splitlines())
+
 
 def add_parser(sub: Any, name: str, help: str, example: str) -> argparse.ArgumentParser:
-    """A subcommand whose ``--help`` ends with its examples."""
-    return sub.add_parser(name, help=help, epilog="example:\n  " + "\n  ".join(example.strip().splitlines()),
-                          formatter_class=FORMATTER)
+    """A subcommand whose ``--help`` ends with its examples; options must be spelled out (no abbreviations)."""
+    return sub.add_parser(name, help=help, epilog=examples(example), formatter_class=FORMATTER, allow_abbrev=False)
+
+
+# ---- argparse ``type=`` functions: a bad number fails while parsing, naming the option, before any work ----------
+
+
+def _whole_number(text: str, rule: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number {rule}, got {text!r}") from None
+
+
+def int_at_least(minimum: int, why: str = "") -> Callable[[str], int]:
+    """A ``type=`` function accepting whole numbers >= ``minimum``; ``why`` is said when a smaller one is refused."""
+    rule = f">= {minimum}"
+
+    def parse(text: str) -> int:
+        value = _whole_number(text, rule)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number {rule}{why}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+n_boot_count = int_at_least(MIN_N_BOOT, " (fewer resamples give no meaningful 95% interval)")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate, a duration)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (a share of the items)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
+#: what ``--max-pixels none`` passes to the image loader: its value for "no limit" (see data.images._resolve_limit)
+NO_PIXEL_LIMIT = 0
+
+
+def max_pixels(text: str) -> int:
+    """``--max-pixels``: a pixel count >= 1, or ``none`` to switch the decompression-bomb guard off.
+
+    0 used to switch it off silently; "no limit" is now the explicit word, and 0 or less is refused.
+    """
+    if text.strip().lower() == "none":
+        return NO_PIXEL_LIMIT
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a pixel count >= 1 (e.g. 64000000) or 'none' for no limit, "
+                                         f"got {text!r}")
+    return value
+
+
+def add_max_pixels_option(p: argparse.ArgumentParser) -> None:
+    """``--max-pixels N|none``, the decompression-bomb guard of every command that decodes images."""
+    p.add_argument("--max-pixels", type=max_pixels, default=None, metavar="N|none",
+                   help="refuse images with more than N pixels, read from the header before decoding (a "
+                        "decompression-bomb guard); 'none' switches the guard off (default: $ENCODERLAB_MAX_PIXELS, "
+                        "else 64000000)")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -27,7 +117,8 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-ratios", default=None,
                    help="re-split every item by a hash of its id, e.g. train=0.7,val=0.1,test=0.2 (default: keep the "
                         "source's splits; a source without any gets train=0.8,val=0.1,test=0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the hash-based split (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the hash-based split and of every random choice, >= 0 (default: %(default)s)")
 
 
 def add_store_option(p: argparse.ArgumentParser) -> None:
@@ -42,7 +133,9 @@ def add_run_options(p: argparse.ArgumentParser, *, needs_encoder: bool = True) -
     add_store_option(p)
     p.add_argument("--out", help="run directory (default: a new one under $ENCODERLAB_HOME/runs)")
     add_device_options(p)
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--n-boot", type=n_boot_count, default=1000,
+                   help=f"bootstrap resamples for the 95%% intervals, at least {MIN_N_BOOT} (fewer give no meaningful "
+                        "interval; default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_data_options(p)
     add_common(p)
@@ -61,14 +154,15 @@ def add_prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-names", help="JSON {label: name} or CSV label,name overriding the humanized labels")
 
 
-def int_list(text: str) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]``; positive integers only."""
+def int_list(text: str, option: str = "--shots") -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; positive integers only; errors name ``option``."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise EncoderlabError(f"expected comma-separated integers, got {text!r}", "write e.g. 1,2,4,8,16") from None
+        raise EncoderlabError(f"{option} expects comma-separated integers, got {text!r}",
+                              f"write e.g. {option} 1,2,4,8,16") from None
     if any(v < 1 for v in values):
-        raise EncoderlabError(f"expected positive integers, got {text!r}", "write e.g. 1,2,4,8,16")
+        raise EncoderlabError(f"{option} expects positive integers, got {text!r}", f"write e.g. {option} 1,2,4,8,16")
     return values
 
 
@@ -139,3 +233,30 @@ def warn(text: str) -> None:
     """Print to stderr (skip reports, notes that must not mix with --json on stdout)."""
     if text:
         print(text, file=sys.stderr)
+
+
+def prepare_run_dir(args: argparse.Namespace, task: str, spec: str) -> Path:
+    """The run directory of ``--out`` (or a fresh default one), checked and created before any work.
+
+    A ``--out`` that is a file, lies under a file or cannot be written then fails in a second, not after the
+    encoding. A directory created here is noted on ``args`` so that ``main`` removes it again, if still empty,
+    when the command fails: a typo in ``--data`` must not leave an empty run directory behind.
+    """
+    from ..results import resolve_run_dir
+
+    out = getattr(args, "out", None)
+    existed = out is not None and Path(out).expanduser().exists()
+    path = resolve_run_dir(out, task, spec.strip())
+    if not existed:
+        args.created_run_dir = path
+    return path
+
+
+def remove_unused_run_dir(args: argparse.Namespace) -> None:
+    """Remove the run directory ``prepare_run_dir`` created when nothing was written into it (after a failure)."""
+    path = getattr(args, "created_run_dir", None)
+    if path is not None:
+        try:
+            path.rmdir()  # only succeeds while empty: a run's results are never removed
+        except OSError:
+            pass

@@ -7,9 +7,10 @@ directory (``results.json`` + ``predictions.parquet``) and prints a table, or on
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from ..results import resolve_run_dir, write_run
+from ..results import write_run
 from ..results.tables import (
     classification_table,
     costs_line,
@@ -29,10 +30,15 @@ from .options import (
     load_data,
     make_encoder,
     open_store,
+    positive_int,
+    prepare_run_dir,
     progress,
     say,
     warn,
 )
+
+#: zeroshot and retrieval read --split alike
+SPLIT_HELP = "split to report on, or 'all' for every item (default: %(default)s)"
 
 
 def register(sub: Any) -> None:
@@ -53,7 +59,7 @@ def register(sub: Any) -> None:
                    "encoderlab zeroshot --encoder hf:google/siglip-base-patch16-224 --data emoji --class-names "
                    "names.json --json")
     add_prompt_options(p)
-    p.add_argument("--split", default="test", help="split to report on (default: %(default)s)")
+    p.add_argument("--split", default="test", help=SPLIT_HELP)
     p.add_argument("--compare-templates", action="store_true",
                    help="also score every template alone (on val, to choose by, and on the reported split)")
     add_run_options(p)
@@ -68,7 +74,8 @@ def register(sub: Any) -> None:
                    "--json")
     p.add_argument("--method", choices=heads, default="linear", help="head rung (default: %(default)s)")
     p.add_argument("--shots", default="", help="few-shot settings, e.g. 1,2,4,8,16 (k items per class)")
-    p.add_argument("--seeds", type=int, default=3, help="k-shot samples per setting; mean ± std over them")
+    p.add_argument("--seeds", type=positive_int, default=3,
+                   help="k-shot samples per setting, >= 1; mean ± std over them (default: %(default)s)")
     p.add_argument("--no-full", action="store_true", help="skip the full-data fit (few-shot only)")
     p.add_argument("--class-weight", choices=["balanced"], default=None,
                    help="linear probe: weight classes inversely to their frequency")
@@ -82,8 +89,9 @@ def register(sub: Any) -> None:
                    "encoderlab retrieval --encoder local:~/models/aligned --data openclipart\n"
                    "encoderlab retrieval --encoder hf:openai/clip-vit-base-patch32 --data 'csv:pairs.csv?text=caption' "
                    "--split all --json")
-    p.add_argument("--split", default="test", help="split to evaluate, or 'all' (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="queries scored at once (bounds memory)")
+    p.add_argument("--split", default="test", help=SPLIT_HELP)
+    p.add_argument("--chunk-size", type=positive_int, default=1024,
+                   help="queries scored at once, >= 1 (bounds memory; default: %(default)s)")
     add_run_options(p)
     p.set_defaults(func=cmd_retrieval)
 
@@ -96,7 +104,8 @@ def register(sub: Any) -> None:
     p.add_argument("--rungs", default=",".join(default_rungs()),
                    help=f"comma-separated rungs, from {', '.join(list_rungs())} (default: all of them)")
     p.add_argument("--shots", default="1,4,16", help="few-shot settings (default: 1,4,16)")
-    p.add_argument("--seeds", type=int, default=3, help="k-shot samples per setting (default: %(default)s)")
+    p.add_argument("--seeds", type=positive_int, default=3,
+                   help="k-shot samples per setting, >= 1 (default: %(default)s)")
     p.add_argument("--probe-features", choices=["auto", "joint", "tower"], default="auto",
                    help="features kNN and the linear probe read; auto: the image tower's own features when the "
                         "encoder is an aligned pair (the projection can only lose information), else the embedding")
@@ -116,15 +125,21 @@ def cmd_rungs_list(args: argparse.Namespace) -> dict[str, Any]:
     return {"rungs": rows}
 
 
-def _context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(encoder, dataset, store); a typo in the encoder spec fails before any data is read."""
+def _context(args: argparse.Namespace, task: str) -> tuple[Any, Any, Any, Path]:
+    """(encoder, dataset, store, run directory), cheapest checks first.
+
+    A typo in the encoder spec fails before any data is read, a bad ``--out`` or ``--store`` before the data is
+    read and the model loaded.
+    """
     check_spec(args.encoder)
+    out_dir = prepare_run_dir(args, task, args.encoder)
+    store = open_store(args)
     ds = load_data(args, whole=True)  # every rung needs its train/val/test; --split only picks what is reported
-    return make_encoder(args), ds.ensure_validation(seed=args.seed), open_store(args)
+    return make_encoder(args), ds.ensure_validation(seed=args.seed), store, out_dir
 
 
-def _finish(args: argparse.Namespace, result: Any, task: str, spec: str) -> dict[str, Any]:
-    write_run(result, resolve_run_dir(args.out, task, spec))
+def _finish(args: argparse.Namespace, result: Any, out_dir: Path) -> dict[str, Any]:
+    write_run(result, out_dir)
     for note in result.config.get("notes", []):
         warn(f"note: {note}")
     return result.to_json()
@@ -134,14 +149,14 @@ def cmd_zeroshot(args: argparse.Namespace) -> dict[str, Any]:
     from ..extract import labelled_embeddings
     from ..rungs import run_zeroshot
 
-    encoder, ds, store = _context(args)
+    encoder, ds, store, out_dir = _context(args, "zeroshot")
     emb = labelled_embeddings(encoder, ds, store, progress=progress(args))
     result = run_zeroshot(encoder, emb, store, templates=args.templates, class_names=class_names(args),
                           split=args.split, compare_templates=args.compare_templates, n_boot=args.n_boot,
                           seed=args.seed)
     if emb.validation_note:
         result.config["notes"] = [emb.validation_note]
-    out = _finish(args, result, "zeroshot", encoder.spec)
+    out = _finish(args, result, out_dir)
     if not args.json:
         say(classification_table(result.metrics))
         if args.compare_templates:
@@ -155,13 +170,13 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
     from ..extract import labelled_embeddings
     from ..rungs import run_probe
 
-    shots = int_list(args.shots)
-    encoder, ds, store = _context(args)
+    shots = int_list(args.shots, "--shots")
+    encoder, ds, store, out_dir = _context(args, f"probe-{args.method}")
     emb = labelled_embeddings(encoder, ds, store, modality=args.modality, progress=progress(args))
     result = run_probe(encoder, emb, store, method=args.method, shots=shots, seeds=args.seeds,
                        full=not args.no_full, class_weight=args.class_weight, templates=args.templates,
                        class_names=class_names(args), n_boot=args.n_boot, seed=args.seed)
-    out = _finish(args, result, f"probe-{args.method}", encoder.spec)
+    out = _finish(args, result, out_dir)
     if not args.json:
         say(few_shot_table(result.metrics, shots, not args.no_full))
         say(costs_line(result.costs))
@@ -172,10 +187,10 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     from ..rungs import run_retrieval
 
-    encoder, ds, store = _context(args)
+    encoder, ds, store, out_dir = _context(args, "retrieval")
     result = run_retrieval(encoder, ds, store, split=args.split, chunk_size=args.chunk_size, n_boot=args.n_boot,
                            seed=args.seed, progress=progress(args))
-    out = _finish(args, result, "retrieval", encoder.spec)
+    out = _finish(args, result, out_dir)
     if not args.json:
         m = result.metrics
         say(retrieval_table(m))
@@ -188,10 +203,9 @@ def cmd_retrieval(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     from ..ladder import run_comparison
 
-    shots = int_list(args.shots)
-    encoder, ds, store = _context(args)
+    shots = int_list(args.shots, "--shots")
+    encoder, ds, store, out_dir = _context(args, "compare")
     rungs = [r.strip() for r in args.rungs.split(",") if r.strip()]
-    out_dir = resolve_run_dir(args.out, "compare", encoder.spec)
     comp = run_comparison(encoder, ds, store, rungs=rungs, shots=shots, seeds=args.seeds,
                           templates=args.templates, class_names=class_names(args), n_boot=args.n_boot,
                           seed=args.seed, progress=progress(args), out_dir=out_dir,

@@ -1,4 +1,4 @@
-"""``encoderlab store list``, ``encoderlab store verify [--repair] [--compact]`` and ``encoderlab store export``."""
+"""``encoderlab store list``, ``verify [--repair] [--compact]``, ``export``, ``rm SPACE...`` and ``gc``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .options import (
     add_parser,
     add_store_option,
     check_spec,
+    int_at_least,
     load_data,
     make_encoder,
     open_store,
@@ -41,7 +42,7 @@ def register(sub: Any) -> None:
                    help="delete corrupt shards (their items are recomputed by the next embed)")
     p.add_argument("--compact", action="store_true",
                    help="merge shards shorter than --min-rows into larger ones (every key and value is kept)")
-    p.add_argument("--min-rows", type=int, default=None,
+    p.add_argument("--min-rows", type=int_at_least(2), default=None,
                    help="with --compact: shards with fewer rows are merged (default: 4096, a full shard)")
     add_common(p)
     p.set_defaults(func=cmd_store_verify)
@@ -64,18 +65,57 @@ def register(sub: Any) -> None:
     add_data_options(p)
     add_common(p)
     p.set_defaults(func=cmd_store_export)
+    p = add_parser(st_sub, "rm", "remove spaces by fingerprint prefix (embeddings are recomputed when needed again)",
+                   "encoderlab store rm 3fa2c1\nencoderlab store rm 3fa2c1 9b07 --dry-run --json")
+    p.add_argument("spaces", nargs="+", metavar="SPACE",
+                   help="fingerprint or unique prefix of it (the `space` column of `encoderlab store list`)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    add_store_option(p)
+    add_common(p)
+    p.set_defaults(func=cmd_store_rm)
+    p = add_parser(st_sub, "gc",
+                   "remove leftovers of killed writers and spaces of local:/hf: model directories that are gone",
+                   "encoderlab store gc --dry-run\nencoderlab store gc --store /data/emb --json")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    add_store_option(p)
+    add_common(p)
+    p.set_defaults(func=cmd_store_gc)
+
+
+def open_existing_store(args: argparse.Namespace) -> Any:
+    """The store of ``--store``, refused when that directory does not exist: a typo in a path must not read as a
+    healthy empty store. The default store may not exist yet (nothing embedded so far): that is no error."""
+    store = open_store(args)
+    if getattr(args, "store", None) and not store.exists():
+        raise EncoderlabError(f"no store at {store.root}",
+                              "check the --store path, or run `encoderlab embed` to create a store there")
+    return store
+
+
+def _mb(n: int | None) -> str:
+    return f"{(n or 0) / 1e6:.1f} MB"
 
 
 def cmd_store_list(args: argparse.Namespace) -> dict[str, Any]:
-    store = open_store(args)
+    store = open_existing_store(args)
     spaces = store.spaces()
     if not args.json:
+        # A space that cannot be read says why in its own column, not only in --json.
         say(format_table([[s["fingerprint"][:12], (s.get("meta") or {}).get("spec", "?"),
                            (s.get("meta") or {}).get("modality", "?"), s.get("items", 0), s.get("dim"),
-                           f"{s.get('bytes', 0) / 1e6:.1f} MB"] for s in spaces],
-                         ["space", "encoder", "modality", "items", "dim", "size"]))
+                           _mb(s.get("bytes")), _problem_cell(s.get("problem"))] for s in spaces],
+                         ["space", "encoder", "modality", "items", "dim", "size", "problem"]))
         say(f"store: {store.root}")
+        if any(s.get("problem") for s in spaces):
+            warn("encoderlab: some spaces cannot be read: run `encoderlab store verify` for details, "
+                 "`encoderlab store verify --repair` to remove what is corrupt")
     return {"store": str(store.root), "spaces": spaces}
+
+
+def _problem_cell(problem: str | None, width: int = 60) -> str:
+    if not problem:
+        return "-"
+    return problem if len(problem) <= width else problem[: width - 3] + "..."
 
 
 def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,19 +126,20 @@ def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
         raise EncoderlabError("--min-rows only applies to compaction", "add --compact, or drop --min-rows")
     if args.compact and min_rows < 2:
         raise EncoderlabError(f"--min-rows must be at least 2, got {min_rows}", f"e.g. --min-rows {COMPACT_MIN_ROWS}")
-    store = open_store(args)
+    store = open_existing_store(args)
     problems: list[dict[str, Any]] = []
     removed: list[dict[str, Any]] = []
     compacted: list[dict[str, Any]] = []
-    for s in store.spaces():
-        space = store.space(s["fingerprint"])
+    # space_names, not spaces(): opening a space would already drop a damaged index cache this should report
+    for fp in store.space_names():
+        space = store.space(fp)
         found = space.verify(deep=True)
-        problems += [{"space": s["fingerprint"], **p} for p in found]
+        problems += [{"space": fp, **p} for p in found]
         if args.repair and found:
-            removed += [{"space": s["fingerprint"], **r} for r in space.repair()]
+            removed += [{"space": fp, **r} for r in space.repair()]
         if args.compact:
-            if any(p["kind"] == "corrupt" for p in found) and not args.repair:
-                compacted.append({"fingerprint": s["fingerprint"], "skipped": "corrupt shards: run with --repair"})
+            if any(p["kind"] in ("corrupt", "cache") for p in found) and not args.repair:
+                compacted.append({"fingerprint": fp, "skipped": "corrupt shards or index cache: run with --repair"})
             else:
                 compacted.append(space.compact(min_rows=min_rows))
     merged = sum(c.get("merged", 0) for c in compacted)
@@ -117,10 +158,15 @@ def cmd_store_verify(args: argparse.Namespace) -> dict[str, Any]:
                     say(f"{c['fingerprint'][:12]}  {c['shards_before']} -> {c['shards_after']} shards")
             say(f"compacted: merged {merged} shard(s) into {into}"
                 + (f", removed {dead} shard(s) whose keys were all stored earlier" if dead else ""))
-    corrupt = [p for p in problems if p.get("kind") == "corrupt"]
+    corrupt = [p for p in problems if p.get("kind") in ("corrupt", "cache")]
     if corrupt and not args.repair:
-        print(f"encoderlab: error: {len(corrupt)} corrupt shard(s) in {store.root} "
-              "(run `encoderlab store verify --repair` to remove them; their items are recomputed by the next embed)",
+        shards = sum(p.get("kind") == "corrupt" for p in problems)
+        caches = len(corrupt) - shards
+        what = " and ".join(x for x in (f"{shards} corrupt shard(s)" if shards else "",
+                                        f"{caches} damaged index cache(s)" if caches else "") if x)
+        print(f"encoderlab: error: {what} in {store.root} "
+              "(run `encoderlab store verify --repair` to remove them; their items are recomputed by the next embed, "
+              "an index cache is rebuilt from the shards)",
               file=sys.stderr)
     # Orphans (leftovers of an interrupted write) are harmless: readers ignore them and writers clean them up.
     out: dict[str, Any] = {"store": str(store.root), "problems": problems, "removed": removed,
@@ -136,15 +182,44 @@ def cmd_store_export(args: argparse.Namespace) -> dict[str, Any]:
 
     target = check_export_path(args.to)  # a wrong suffix fails before data or model are loaded
     check_spec(args.encoder)
+    store = open_store(args)  # a bad --store fails before data or model are loaded
     ds = load_data(args)
     encoder = make_encoder(args)
-    store = open_store(args)
     summary = export_embeddings(encoder, ds, store, target, modality=args.modality, progress=progress(args))
     summary["split"] = args.split
-    warn(skipped_lines(summary["skipped"]))
+    warn(skipped_lines(summary["skipped"], full_list="--json"))
     if not args.json:
         say(format_table([[summary["modality"], summary["rows"], summary["dim"], summary["encoded"],
                            summary["cached"], summary["n_skipped"]]],
                          ["modality", "rows", "dim", "encoded", "cached", "skipped"]))
         say("wrote: " + ", ".join(summary["files"]))
     return summary
+
+
+def cmd_store_rm(args: argparse.Namespace) -> dict[str, Any]:
+    store = open_existing_store(args)
+    # Every prefix is resolved before anything is removed: one ambiguous prefix removes nothing.
+    targets = list(dict.fromkeys(store.resolve(prefix) for prefix in args.spaces))
+    removed = [store.remove_space(fp, dry_run=args.dry_run) for fp in targets]
+    total = sum(r["bytes"] for r in removed)
+    if not args.json:
+        say(format_table([[r["fingerprint"][:12], (r.get("meta") or {}).get("spec", "?"),
+                           (r.get("meta") or {}).get("modality", "?"), r["files"], _mb(r["bytes"])] for r in removed],
+                         ["space", "encoder", "modality", "files", "size"]))
+        verb = "would remove" if args.dry_run else "removed"
+        say(f"{verb} {len(removed)} space(s), {_mb(total)} from {store.root}")
+    return {"store": str(store.root), "dry_run": args.dry_run, "removed": removed, "bytes": total}
+
+
+def cmd_store_gc(args: argparse.Namespace) -> dict[str, Any]:
+    store = open_existing_store(args)
+    out = store.gc(dry_run=args.dry_run)
+    if not args.json:
+        for o in out["orphans"]:
+            say(f"{o['kind']}: {o['path']} ({_mb(o['bytes'])})")
+        for s in out["spaces"]:
+            say(f"space {s['fingerprint'][:12]} ({(s.get('meta') or {}).get('spec', '?')}): {s['reason']}"
+                f" ({_mb(s['bytes'])})")
+        verb = "would free" if args.dry_run else "freed"
+        say(f"{verb} {_mb(out['bytes'])}: {len(out['orphans'])} leftover file(s), {len(out['spaces'])} space(s)")
+    return out

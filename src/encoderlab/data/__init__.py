@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 from ..errors import BadImageError
+from .audit import cross_split_duplicates, duplicates_note
 from .fetch import convert_fashion_mnist, fetch_dataset, fetched_sets
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, REASONS, ImageHeader, load_image, probe_image, to_rgb
 from .manifest import CORE_COLUMNS, Dataset
 from .packaged import PACKAGED, is_fetched, packaged_root
 from .sources import (
+    LISTING_REASONS,
     ParsedSource,
     SourceResult,
     list_folder,
@@ -29,6 +31,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_RATIOS",
     "IMAGE_EXTENSIONS",
+    "LISTING_REASONS",
     "PACKAGED",
     "REASONS",
     "BadImageError",
@@ -38,6 +41,8 @@ __all__ = [
     "ParsedSource",
     "SourceResult",
     "convert_fashion_mnist",
+    "cross_split_duplicates",
+    "duplicates_note",
     "fetch_dataset",
     "fetched_sets",
     "hash_splits",

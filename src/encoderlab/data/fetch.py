@@ -365,7 +365,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise EncoderlabError(f"cannot read IDX file {path}: {e}", "fetch again with --force") from None
+        # An OSError's str() repeats the path; its strerror alone says why (gzip errors have only a message).
+        raise EncoderlabError(f"cannot read IDX file {path}: {getattr(e, 'strerror', None) or e}",
+                              "fetch again with --force") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise EncoderlabError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
     ndim = data[3]

@@ -34,6 +34,7 @@ from ..errors import BadImageError
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_PIXELS_ENV = "ENCODERLAB_MAX_PIXELS"
 
+# Reasons an image check gives; reasons a source gives while listing are in sources.LISTING_REASONS.
 REASONS = (
     "missing",
     "is-a-directory",

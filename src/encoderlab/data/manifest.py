@@ -6,6 +6,7 @@ possibly empty), ``label`` (str or None), ``split`` (str or None), then any meta
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,46 @@ from .splits import DEFAULT_RATIOS, carve_validation, check_ratios, hash_splits,
 CORE_COLUMNS = ("id", "image", "texts", "label", "split")
 #: share of each class of train carved into a validation split when a source has none
 VAL_FRACTION = 0.1
+
+
+def is_valid_text(value: str) -> bool:
+    """Whether a string is valid Unicode that UTF-8 can encode.
+
+    A file name that is not valid UTF-8 on disk (a Latin-1 ``café.png`` from an old zip) reaches Python as a str
+    with "surrogate escapes"; pandas, pyarrow, JSON files and terminals all refuse such strings, so they are caught
+    at the source and the file is skipped instead of crashing the whole dataset later.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def has_invalid_text(value: Any) -> bool:
+    """Whether a cell (a str, or a list/tuple/dict nesting strs) holds any string ``is_valid_text`` refuses."""
+    if isinstance(value, str):
+        return not is_valid_text(value)
+    if isinstance(value, (list, tuple)):
+        return any(has_invalid_text(v) for v in value)
+    if isinstance(value, dict):
+        return any(has_invalid_text(k) or has_invalid_text(v) for k, v in value.items())
+    return False
+
+
+def safe_text(value: str) -> str:
+    """``value`` with undecodable bytes shown as ``\\xNN`` (and stray surrogates as ``\\udNNN``): safe to print,
+    to write as UTF-8 JSON and to put in a table, and still recognisable to the person who owns the file."""
+    if is_valid_text(value):
+        return value
+    try:
+        return os.fsencode(value).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file-system byte maps to (e.g. "\ud800" from JSON)
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _safe_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: safe_text(v) if isinstance(v, str) else v for k, v in entry.items()}
 
 
 def clean_str(value: Any) -> str | None:
@@ -62,6 +103,14 @@ def normalize_table(table: pd.DataFrame) -> pd.DataFrame:
             f"a manifest needs exactly {list(CORE_COLUMNS)} first, then metadata columns",
         )
     t = table.reset_index(drop=True).copy()
+    for col in ("id", "image", "label", "split", "texts"):
+        bad = [v for v in t[col].tolist() if has_invalid_text(v)]
+        if bad:
+            shown = safe_text(str(bad[0]))
+            raise EncoderlabError(
+                f"manifest column {col!r} holds {len(bad)} value(s) that are not valid UTF-8 text, e.g. {shown!r}",
+                "skip those rows (sources report them as bad-filename / bad-value) or fix the text",
+            )
     t["id"] = pd.Series([str(i) if clean_str(i) is not None else None for i in t["id"].tolist()], dtype=object)
     if t["id"].isna().any():
         raise EncoderlabError(f"manifest has {int(t['id'].isna().sum())} item(s) with an empty id")
@@ -96,7 +145,8 @@ class Dataset:
         self.table = normalize_table(table)
         self.source = source
         self.root = Path(root) if root is not None else Path(".")
-        self.skipped: list[dict[str, Any]] = [dict(s) for s in (skipped or [])]
+        # Skip entries are printed and written as JSON: undecodable file names must not break either.
+        self.skipped: list[dict[str, Any]] = [_safe_entry(s) for s in (skipped or [])]
         if split_info is None:
             split_info = {"method": "source"} if self.table["split"].notna().any() else {"method": "none"}
         self.split_info: dict[str, Any] = dict(split_info)
@@ -109,7 +159,7 @@ class Dataset:
         new.table = table.reset_index(drop=True)
         new.source = changes.get("source", self.source)
         new.root = self.root
-        new.skipped = list(changes.get("skipped", self.skipped))
+        new.skipped = [_safe_entry(s) for s in changes["skipped"]] if "skipped" in changes else list(self.skipped)
         new.split_info = dict(changes.get("split_info", self.split_info))
         new.info = dict(changes.get("info", self.info))
         return new
@@ -218,6 +268,23 @@ class Dataset:
         }
         return self.derive(result.table, info=info)
 
+    @property
+    def unlabelled(self) -> int:
+        """Items without a label (an empty label cell, or an image outside any class folder)."""
+        return int(self.table["label"].isna().sum())
+
+    def unlabelled_note(self) -> str:
+        """``"32 items have no label (left out of classification)"``, or "" when every item, or none, is labelled.
+
+        Classification drops unlabelled items; this sentence says so wherever counts are shown (``data inspect``,
+        the rungs), so used-of-total numbers add up. A set with no labels at all gets "": it is not a
+        classification set, and the rungs that need labels say so themselves.
+        """
+        n = self.unlabelled
+        if n == 0 or n == len(self.table):
+            return ""
+        return f"{n} item{'s have' if n != 1 else ' has'} no label (left out of classification)"
+
     def texts_flat(self) -> pd.DataFrame:
         """One row per (item, caption): columns ``id``, ``text_index``, ``text``, ``label``, ``split``."""
         t = self.table[["id", "texts", "label", "split"]]
@@ -243,7 +310,7 @@ class Dataset:
             "classes": len(per_class),
             "per_split": per_split,
             "per_class": per_class,
-            "unlabelled": int(t["label"].isna().sum()),
+            "unlabelled": self.unlabelled,
             "skipped": len(self.skipped),
             "skipped_by_reason": dict(sorted(reasons.items())),
             "split_info": self.split_info,

@@ -260,8 +260,12 @@ def read_emoji(root: str | os.PathLike, label_field: str = "category") -> Source
     image_dir = root / "img" / "google" / "64"
     try:
         entries = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EncoderlabError(f"cannot read {index}: {e}", "run `encoderlab data fetch emoji --force`") from None
+    except OSError as e:  # str(e) repeats the path; strerror alone says why
+        raise EncoderlabError(f"cannot read {index}: {e.strerror or type(e).__name__}",
+                              "run `encoderlab data fetch emoji --force`") from None
+    except ValueError as e:
+        raise EncoderlabError(f"cannot read {index}: not valid JSON ({e})",
+                              "run `encoderlab data fetch emoji --force`") from None
     if not isinstance(entries, list):
         raise EncoderlabError(f"{index} is not a JSON list of emoji", "run `encoderlab data fetch emoji --force`")
     other = "subcategory" if label_field == "category" else "category"

@@ -73,7 +73,10 @@ def load_class_names(path: str | Path) -> dict[str, str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise EncoderlabError(f"class-name file {str(p)!r} does not exist", "give a JSON object or a label,name CSV")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EncoderlabError(f"class-name file {str(p)!r} is not UTF-8 text", "save it as UTF-8") from None
     if p.suffix.lower() == ".json":
         try:
             obj = json.loads(text)

@@ -20,7 +20,7 @@ import pandas as pd
 from ..errors import EncoderlabError, UnknownNameError, close_matches
 from ..specs import parse_options, split_query
 from .images import IMAGE_EXTENSIONS
-from .manifest import Dataset
+from .manifest import Dataset, is_valid_text, safe_text
 from .splits import DEFAULT_RATIOS, check_ratios
 
 
@@ -188,14 +188,56 @@ def apply_split_policy(ds: Dataset, splits: Mapping[str, float] | str | bool | N
 # Folder names recognised as splits, and the split name each one gives.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
+#: Reasons a source reports for an entry that did not become an item (image check reasons: ``images.REASONS``).
+LISTING_REASONS = (
+    "bad-filename",  # the file or folder name is not valid UTF-8 (see manifest.is_valid_text)
+    "bad-row",  # a table row that is not a record (invalid JSON, not an object)
+    "bad-value",  # a table cell of the wrong kind (a number where a path belongs, a dict as a caption, bad text)
+    "conflict",  # rows of one item disagree on its label or split
+    "empty-row",  # a table row with neither an image nor a text
+    "not-a-file",
+    "not-a-split-folder",
+    "not-an-image",  # no image file extension
+    "not-in-a-class-folder",
+    "symlink-loop",  # a symlinked folder that leads back to the dataset root or a folder above it
+    "symlink-other-class",  # a symlinked folder into another class folder: its images would get the wrong label
+    "unreadable",
+    "missing",
+    "is-a-directory",
+)
+
+
+def bad_filename(path: str, what: str = "file") -> dict[str, Any]:
+    """The skip entry for a path whose name is not valid UTF-8, shown with ``\\xNN`` escapes."""
+    return {"path": safe_text(path), "reason": "bad-filename",
+            "detail": f"the {what} name is not valid UTF-8 (bytes shown as \\xNN); rename it to use it"}
+
+
+def check_path_name(path: str | os.PathLike, what: str) -> None:
+    """Refuse a dataset root (or table file) whose own path is not valid UTF-8: every item under it would be."""
+    text = os.fspath(path)
+    if not is_valid_text(text):
+        raise EncoderlabError(
+            f"{what} '{safe_text(text)}' has a name that is not valid UTF-8 (bytes shown as \\xNN)",
+            "rename the folder or file with the \\xNN bytes (or move the data somewhere with a UTF-8 path)",
+        )
+
 
 def _visible_entries(directory: str, skipped: list[dict[str, Any]]) -> list[os.DirEntry] | None:
+    """Non-hidden entries of ``directory`` sorted by name; names that are not valid UTF-8 go to ``skipped``."""
     try:
         with os.scandir(directory) as it:
-            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     except OSError as e:
         skipped.append({"path": directory, "reason": "unreadable", "detail": e.strerror or str(e)})
         return None
+    good = []
+    for e in entries:
+        if is_valid_text(e.name):
+            good.append(e)
+        else:
+            skipped.append(bad_filename(e.path, "folder" if _entry_is_dir(e) else "file"))
+    return good
 
 
 def _entry_is_dir(entry: os.DirEntry) -> bool:
@@ -205,10 +247,40 @@ def _entry_is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _walk_files(top: str, skipped: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
+def _within(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@dataclass
+class _Classes:
+    """Real paths of the dataset root and of every class folder, so a symlinked folder that leads back into the
+    dataset can be told from one that brings in images from elsewhere."""
+
+    root: str
+    owners: dict[str, str] = field(default_factory=dict)  # real path -> class folder path relative to the root
+
+    def problem(self, target: str, own: str) -> tuple[str, str] | None:
+        """(reason, detail) when following a folder that resolves to ``target`` from class folder ``own`` (a real
+        path) would loop or relabel another class's images; None when it is safe to follow."""
+        if _within(self.root, target) or _within(own, target):
+            return "symlink-loop", f"leads back to {target} (the dataset root or a folder above this one)"
+        for real, name in self.owners.items():
+            if real != own and (_within(target, real) or _within(real, target)):
+                return "symlink-other-class", f"leads into class folder {name!r}; its images would get the wrong label"
+        return None
+
+
+def _walk_files(top: str, skipped: list[dict[str, Any]], classes: _Classes | None = None) -> Iterator[tuple[str, str]]:
     """(path, path relative to ``top``) of files under ``top``: recursive, symlinks followed, loops cut,
-    hidden entries ignored; problems recorded in ``skipped``."""
-    seen = {os.path.realpath(top)}
+    hidden entries ignored; problems recorded in ``skipped``.
+
+    With ``classes``, a symlinked folder leading back to the dataset root, above ``top``, or into another class
+    folder is not followed (``symlink-loop`` / ``symlink-other-class``): its files would be listed twice or under
+    the wrong label. Symlinked folders pointing outside the dataset are followed.
+    """
+    own = os.path.realpath(top)
+    seen = {own}
     stack = [(top, "")]
     while stack:
         directory, rel_dir = stack.pop()
@@ -220,8 +292,11 @@ def _walk_files(top: str, skipped: list[dict[str, Any]]) -> Iterator[tuple[str, 
             rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
             if _entry_is_dir(e):
                 real = os.path.realpath(e.path)
-                if real in seen:
-                    skipped.append({"path": e.path, "reason": "symlink-loop"})
+                problem = classes.problem(real, own) if classes is not None and e.is_symlink() else None
+                if problem is None and real in seen:
+                    problem = ("symlink-loop", f"leads to {real}, already listed")
+                if problem is not None:
+                    skipped.append({"path": e.path, "reason": problem[0], "detail": problem[1]})
                 else:
                     seen.add(real)
                     subdirs.append((e.path, rel))
@@ -245,9 +320,12 @@ def list_folder(root: str | os.PathLike, *, ignore: tuple[str, ...] = ()) -> Sou
     If ``root`` holds any of ``train/ val/ valid/ validation/ test/``, those are the splits and the class
     folders are inside them. A class folder's images are found recursively (its nested sub-folders stay in the
     ``subfolder`` column). A level without sub-folders holds unlabelled images. Files without an image
-    extension are reported in ``skipped`` as ``not-an-image``; hidden files are ignored.
+    extension are reported in ``skipped`` as ``not-an-image``; hidden files are ignored; names that are not valid
+    UTF-8 are reported as ``bad-filename``. Symlinked folders are followed unless they lead back into the dataset
+    (``symlink-loop``, ``symlink-other-class``), so no image is ever listed under a class folder it is not in.
     """
     root_path = Path(root).expanduser().absolute()
+    check_path_name(root_path, "folder")
     if not root_path.exists():
         raise EncoderlabError(f"folder {str(root)!r} does not exist", "give the directory holding the class folders")
     if not root_path.is_dir():
@@ -259,7 +337,8 @@ def list_folder(root: str | os.PathLike, *, ignore: tuple[str, ...] = ()) -> Sou
         raise EncoderlabError(f"cannot read folder {str(root_path)!r}: {skipped[-1].get('detail')}")
     top = [e for e in top if e.name not in ignore]
     split_dirs = [e for e in top if _entry_is_dir(e) and e.name.lower() in SPLIT_FOLDERS]
-    rows: list[dict[str, Any]] = []
+    # (directory, split, entries) of each container level: the split folders, or the root itself.
+    levels: list[tuple[str, str | None, list[os.DirEntry]]] = []
     if split_dirs:
         for e in top:
             if e in split_dirs:
@@ -267,16 +346,63 @@ def list_folder(root: str | os.PathLike, *, ignore: tuple[str, ...] = ()) -> Sou
             reason = "not-a-split-folder" if _entry_is_dir(e) else "not-in-a-class-folder"
             skipped.append({"path": e.path, "reason": reason, "detail": "the root holds split folders"})
         for e in split_dirs:
-            _read_level(e.path, root_path, SPLIT_FOLDERS[e.name.lower()], rows, skipped)
+            entries = _visible_entries(e.path, skipped)
+            if entries is not None:
+                levels.append((e.path, SPLIT_FOLDERS[e.name.lower()], entries))
         split_info = {"method": "source", "folders": {e.name: SPLIT_FOLDERS[e.name.lower()] for e in split_dirs}}
     else:
-        _read_level(str(root_path), root_path, None, rows, skipped, entries=top)
+        levels.append((str(root_path), None, top))
         split_info = None
+    classes = _class_folders(root_path, levels, skipped)
+    rows: list[dict[str, Any]] = []
+    for directory, split, entries in levels:
+        _read_level(directory, root_path, split, rows, skipped, entries, classes)
     table = pd.DataFrame(rows, columns=["id", "image", "texts", "label", "split", "subfolder"])
     if not table.empty and not table["subfolder"].astype(bool).any():
         table = table.drop(columns="subfolder")
     table = table.sort_values("id", kind="stable").reset_index(drop=True)
     return SourceResult(table, root_path, skipped, {}, split_info)
+
+
+def _class_folders(root: Path, levels: list[tuple[str, str | None, list[os.DirEntry]]],
+                   skipped: list[dict[str, Any]]) -> _Classes:
+    """Register every class folder's real path; drop (and report) class folders that are symlinks back into the
+    dataset, e.g. ``kitty -> cat`` (cat's images again, labelled kitty) or ``val -> train``'s classes.
+
+    Folders reached without a symlink claim their real path first, so the original keeps its images, not the alias.
+    """
+    root_real = os.path.realpath(root)
+    classes = _Classes(root_real)
+    candidates = []
+    for directory, _, entries in levels:
+        rel_level = os.path.relpath(directory, root)
+        for e in entries:
+            if _entry_is_dir(e):
+                rel = e.name if rel_level == "." else os.path.join(rel_level, e.name)
+                real = os.path.realpath(e.path)
+                direct = real == os.path.join(root_real, rel)
+                candidates.append((not direct, e, Path(rel).as_posix(), real))
+    dropped: set[str] = set()
+    for indirect, e, rel, real in sorted(candidates, key=lambda c: c[0]):  # stable: direct folders first, in order
+        problem = None
+        if not indirect:
+            pass  # a real sub-folder of the tree can neither contain the root nor nest in a sibling class folder
+        elif _within(root_real, real):
+            problem = ("symlink-loop", f"leads back to {real} (the dataset root or a folder above it)")
+        else:
+            for other, name in classes.owners.items():
+                if _within(real, other) or _within(other, real):
+                    problem = ("symlink-other-class", f"leads into class folder {name!r}; its images would be "
+                               f"listed again under class {e.name!r}")
+                    break
+        if problem is not None:
+            skipped.append({"path": e.path, "reason": problem[0], "detail": problem[1]})
+            dropped.add(e.path)
+        else:
+            classes.owners[real] = rel
+    for i, (directory, split, entries) in enumerate(levels):
+        levels[i] = (directory, split, [e for e in entries if e.path not in dropped])
+    return classes
 
 
 def _read_level(
@@ -285,13 +411,10 @@ def _read_level(
     split: str | None,
     rows: list[dict[str, Any]],
     skipped: list[dict[str, Any]],
-    entries: list[os.DirEntry] | None = None,
+    entries: list[os.DirEntry],
+    classes: _Classes,
 ) -> None:
     """One container level (the root or a split folder): class sub-folders, or unlabelled images."""
-    if entries is None:
-        entries = _visible_entries(directory, skipped)
-        if entries is None:
-            return
     level = os.path.relpath(directory, root)
     prefix = "" if level == "." else Path(level).as_posix() + "/"
     class_dirs = [e for e in entries if _entry_is_dir(e)]
@@ -301,7 +424,7 @@ def _read_level(
             skipped.append({"path": f.path, "reason": "not-in-a-class-folder"})
         for d in class_dirs:
             before = len(rows)
-            for path, rel in _walk_files(d.path, skipped):
+            for path, rel in _walk_files(d.path, skipped, classes):
                 _add_file(path, f"{prefix}{d.name}/", rel, d.name, split, rows, skipped)
             if len(rows) == before:
                 where = f" in split {split!r}" if split else ""

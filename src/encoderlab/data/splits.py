@@ -27,6 +27,13 @@ def unit_hash(key: str, seed: int | str = 0, salt: str = "") -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
+def _plain(value: object) -> str:
+    """A value as a user wrote it: numpy scalars as plain numbers (``51``, not ``np.int64(51)``), text quoted."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
+
+
 def check_ratios(ratios: Mapping[str, float]) -> dict[str, float]:
     """Validate split ratios: non-empty names, non-negative numbers summing to 1 (within 1e-6)."""
     if not isinstance(ratios, Mapping) or not ratios:
@@ -36,13 +43,13 @@ def check_ratios(ratios: Mapping[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, r in ratios.items():
         if not isinstance(name, str) or not name:
-            raise EncoderlabError(f"split name {name!r} in {dict(ratios)} is not a non-empty string")
+            raise EncoderlabError(f"split name {_plain(name)} is not a non-empty string", 'e.g. {"train": 0.8}')
         try:
             value = float(r)
         except (TypeError, ValueError):
-            raise EncoderlabError(f"split ratio {name}={r!r} is not a number") from None
+            raise EncoderlabError(f"split ratio {name}={_plain(r)} is not a number", "e.g. train=0.8") from None
         if not math.isfinite(value) or value < 0:
-            raise EncoderlabError(f"split ratio {name}={r!r} must be a finite number >= 0")
+            raise EncoderlabError(f"split ratio {name}={_plain(r)} must be a finite number >= 0", "e.g. train=0.8")
         out[name] = value
     total = sum(out.values())
     if abs(total - 1.0) > 1e-6:
@@ -89,7 +96,7 @@ def k_shot_sample(table: pd.DataFrame, k: int, seed: int | str = 0, split: str |
     Classes with fewer than k items are taken whole and reported in ``short_classes``.
     """
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise EncoderlabError(f"k-shot needs k >= 1, got k={k!r}")
+        raise EncoderlabError(f"k-shot needs a whole number k >= 1, got k={_plain(k)}")
     rows = table
     if split is not None:
         rows = rows[rows["split"] == split]
@@ -116,7 +123,7 @@ def carve_validation(table: pd.DataFrame, fraction: float, seed: int | str = 0) 
     with one item stays whole. Unlabelled items are never carved. Independent of row order.
     """
     if not 0.0 < float(fraction) < 1.0:
-        raise EncoderlabError(f"validation fraction must be in (0, 1), got {fraction!r}", "e.g. 0.1")
+        raise EncoderlabError(f"validation fraction must be in (0, 1), got {_plain(fraction)}", "e.g. 0.1")
     labelled = table[table["label"].notna()]
     keys = labelled["id"].map(lambda i: unit_hash(str(i), seed, salt="val:"))
     order = labelled.assign(_key=keys).sort_values(["label", "_key", "id"], kind="stable")

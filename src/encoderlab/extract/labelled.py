@@ -158,7 +158,8 @@ def labelled_embeddings(
     result: ExtractResult | None = None
     if modality == "image":
         if not dataset.has_images:
-            raise EncoderlabError(f"dataset {dataset.source!r} has no images", "use --modality text or another dataset")
+            raise EncoderlabError(f"dataset {dataset.source!r} has no images",
+                                  "classify its texts instead (probe --modality text), or use another dataset")
         emb = image_embeddings(encoder, dataset, store, progress=progress)
         X, rows, result = emb.X, emb.rows, emb.result
         keys = np.asarray([result.keys[int(r)] for r in rows], dtype=object)
@@ -166,7 +167,8 @@ def labelled_embeddings(
         firsts = [t[0] if t else None for t in dataset.table["texts"]]
         rows = np.asarray([i for i, t in enumerate(firsts) if t is not None], dtype=np.int64)
         if rows.size == 0:
-            raise EncoderlabError(f"dataset {dataset.source!r} has no texts", "use --modality image or another dataset")
+            raise EncoderlabError(f"dataset {dataset.source!r} has no texts",
+                                  "classify its images instead (probe --modality image), or use another dataset")
         X = text_embeddings(encoder, [firsts[i] for i in rows], store, progress=progress)
         keys = np.asarray([text_key(firsts[i]) for i in rows], dtype=object)
     t = dataset.table.iloc[rows]

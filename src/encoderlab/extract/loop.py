@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..encoders.base import Encoder, FeatureSource
 from ..errors import BadImageError, EncoderlabError
 from ..hashing import image_key, text_key
 from ..progress import progress_bar
-from ..store import EmbeddingStore
+from ..store import EmbeddingSpace, EmbeddingStore
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ExtractResult:
     seconds: float = 0.0
     keys: list[str | None] = field(default_factory=list)
     fingerprint: str = ""
+    repaired: list[dict[str, Any]] = field(default_factory=list)  # corrupt shards removed; their items recomputed
 
     @property
     def items_per_s(self) -> float:
@@ -57,6 +59,7 @@ class ExtractResult:
             "seconds": round(self.seconds, 3),
             "items_per_s": round(self.items_per_s, 2),
             "fingerprint": self.fingerprint,
+            "repaired_shards": len(self.repaired),
         }
 
 
@@ -82,6 +85,26 @@ def default_num_workers(device: torch.device) -> int:
     if device.type == "cpu":
         return 0 if n <= 2 else max(1, n // 4)
     return max(1, min(8, n - 1))
+
+
+def still_missing(space: EmbeddingSpace, wanted: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(keys of ``wanted`` to compute, corrupt shards removed): what the space lacks once the shards holding the
+    rest have passed the check a read does.
+
+    Counting a key as cached on the word of a corrupt shard would report success and fail a later step; the store
+    can recompute what such a shard held, so the run heals itself: the shard is removed (as ``store verify
+    --repair`` does) and its items join the work. Verification is cached per process (``checksum_on_read``).
+    """
+    todo = space.missing(wanted)
+    absent = set(todo)
+    cached = [k for k in wanted if k not in absent]
+    repaired = space.verify_holding(cached, repair=True) if cached else []
+    if repaired:
+        todo = space.missing(wanted)
+        for r in repaired:
+            warnings.warn(f"removed corrupt embedding shard {r['path']} ({r['detail']}); its {r['rows']} items are"
+                          " recomputed", stacklevel=3)
+    return todo, repaired
 
 
 def space_for(store: EmbeddingStore, encoder: Encoder, modality: str):
@@ -205,17 +228,20 @@ def extract_images(
     space = space_for(store, encoder, "image")
     paths = list(dataset.table["image"])
     if all(p is None for p in paths):
-        raise EncoderlabError(f"dataset {dataset.source!r} has no images", "embed its texts with --modality text")
+        raise EncoderlabError(f"dataset {dataset.source!r} has no images (no image column, or none was usable)",
+                              "use a dataset with images for this step, or embed its texts instead")
     keys, skipped = _hash_images(paths, progress and len(paths) >= 10_000)
     wanted = list(dict.fromkeys(k for k in keys if k is not None))
-    todo = set(space.missing(wanted))
+    missing, repaired = still_missing(space, wanted)
+    todo = set(missing)
     first_path: dict[str, str] = {}
     for k, p in zip(keys, paths):
         if k is not None and k in todo and k not in first_path:
             first_path[k] = str(p)
     items = list(first_path.items())
     n_rows = sum(p is not None for p in paths)
-    result = ExtractResult("image", n_rows, 0, len(wanted) - len(items), skipped, fingerprint=space.fingerprint)
+    result = ExtractResult("image", n_rows, 0, len(wanted) - len(items), skipped, fingerprint=space.fingerprint,
+                           repaired=repaired)
     if strict and skipped:
         _raise_strict(skipped)
     if items:
@@ -292,13 +318,15 @@ def extract_texts(
     else:
         per_row = [[t] for t in dataset]
     if not any(per_row):
-        raise EncoderlabError("the dataset has no texts", "embed its images with --modality image")
+        raise EncoderlabError(f"dataset {getattr(dataset, 'source', 'given')!r} has no texts (no caption column)",
+                              "use a dataset with captions for this step, or embed its images instead")
     distinct = list(dict.fromkeys(t for row in per_row for t in row))
     key_of = {t: text_key(t) for t in distinct}
-    todo = set(space.missing([key_of[t] for t in distinct]))
+    missing, repaired = still_missing(space, list(dict.fromkeys(key_of[t] for t in distinct)))
+    todo = set(missing)
     texts = [t for t in distinct if key_of[t] in todo]
     result = ExtractResult("text", sum(1 for r in per_row if r), 0, len(distinct) - len(texts), [],
-                           fingerprint=space.fingerprint)
+                           fingerprint=space.fingerprint, repaired=repaired)
     if texts:
         bs = batch_size or default_batch_size(encoder, "text")
         texts.sort(key=len)  # similar lengths per batch: least padding
@@ -336,9 +364,9 @@ def _derive(
     base_space = space_for(store, source.base, modality)
     space = space_for(store, encoder, modality)
     wanted = list(dict.fromkeys(all_keys if all_keys is not None else [k for k in base.keys if k is not None]))
-    todo = space.missing(wanted)
+    todo, repaired = still_missing(space, wanted)
     result = ExtractResult(modality, base.items, 0, len(wanted) - len(todo), list(base.skipped),
-                           keys=list(base.keys), fingerprint=space.fingerprint)
+                           keys=list(base.keys), fingerprint=space.fingerprint, repaired=base.repaired + repaired)
     if todo:
         with space.writer(shard_size=shard_size, commit_seconds=commit_seconds) as writer, torch.inference_mode():
             for start in range(0, len(todo), shard_size):

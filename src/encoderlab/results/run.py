@@ -109,6 +109,8 @@ def data_provenance(dataset: Dataset, used_rows: dict[str, list[str]] | None = N
         splits[name] = {"items": len(ids), "fingerprint": json_digest(ids)}
     out: dict[str, Any] = {"source": dataset.source, "items": len(t), "classes": len(dataset.classes),
                            "splits": splits, "split_info": dataset.split_info, "skipped": len(dataset.skipped)}
+    if dataset.classes:  # a labelled dataset: how many items lack a label (classification leaves them out)
+        out["unlabelled"] = int(t["label"].isna().sum())
     if used_rows:
         out["used"] = {k: {"items": len(v), "fingerprint": json_digest(sorted(v))} for k, v in used_rows.items()}
     return out
@@ -126,7 +128,8 @@ def default_run_dir(task: str, spec: str, parent: str | os.PathLike | None = Non
     and never writes into another run's directory.
     """
     root = Path(parent).expanduser() if parent is not None else runs_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    check_out_dir(root, "the runs directory", "set ENCODERLAB_HOME to a directory you can write to, or pass --out")
+    _make_dir(root, "the runs directory")
     base = f"{task}-{time.strftime('%Y%m%d-%H%M%S')}-{slug(spec)}"
     for n in range(1, 10_000):
         path = root / (base if n == 1 else f"{base}-{n}")
@@ -139,14 +142,44 @@ def default_run_dir(task: str, spec: str, parent: str | os.PathLike | None = Non
 
 
 def resolve_run_dir(out: str | os.PathLike | None, task: str, spec: str) -> Path:
-    """``--out`` as given (created if missing), else a fresh ``default_run_dir``."""
+    """``--out`` as given (created if missing), else a fresh ``default_run_dir``; checked by ``check_out_dir``."""
     if out is None:
         return default_run_dir(task, spec)
     path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise EncoderlabError(f"run directory {str(path)!r} is a file", "pass a directory for --out")
-    path.mkdir(parents=True, exist_ok=True)
+    check_out_dir(path)
+    _make_dir(path, "--out")
     return path
+
+
+def check_out_dir(path: Path, what: str = "--out", fix: str = "pass a --out in a directory you can write to") -> None:
+    """Fail with the reason when ``path`` cannot be (or become) a directory this process writes into.
+
+    Checked before any work, so a bad ``--out`` is reported in the user's terms at once instead of as an
+    internal error after the computing: a file, a path under a file, or a directory (or the nearest existing
+    parent it would be created in) that is not writable.
+    """
+    if path.exists() and not path.is_dir():
+        raise EncoderlabError(f"{what} {str(path)!r} is a file, not a directory",
+                              "pass a directory path (a new one is created)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():  # a parent of the path is a file: mkdir would fail with "Not a directory"
+        raise EncoderlabError(f"{what} {str(path)!r} lies under {str(existing)!r}, which is a file",
+                              "pass a directory path that is not inside a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = ("is not writable" if existing == path
+                 else f"would be created in {str(existing)!r}, which is not writable")
+        raise EncoderlabError(f"{what} {str(path)!r} {where}", fix)
+
+
+def _make_dir(path: Path, what: str) -> None:
+    """``mkdir -p`` whose failure (a read-only file system, a race with a file) is one line naming ``what``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EncoderlabError(f"cannot create {what} {str(path)!r}: {e.strerror or e}",
+                              "pass a directory path you can write to") from None
 
 
 def write_run(result: RunResult, out_dir: str | os.PathLike) -> Path:

@@ -23,6 +23,12 @@ def fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def p_value_text(p: float, n_boot: int | None = None) -> str:
+    """``p=0.034``, or ``p<0.001`` when the bootstrap cannot resolve the value (below ``1 / n_boot``, or 0.001)."""
+    floor = 1.0 / n_boot if n_boot else 0.001
+    return f"p<{max(floor, 0.001):g}" if p < max(floor, 0.001) else f"p={p:.3f}"
+
+
 def format_table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> str:
     """Left-aligned columns separated by two spaces, a dashed rule under the header, no trailing blanks."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
@@ -50,14 +56,20 @@ def costs_line(costs: Mapping[str, Any]) -> str:
     return "costs: " + ", ".join(f"{k}={costs[k]}" for k in COST_KEYS if k in costs)
 
 
-def skipped_lines(skipped: Sequence[Mapping[str, Any]], limit: int = 10) -> str:
-    """What was skipped and why, the first ``limit`` by path ("" when nothing was)."""
+def skipped_lines(skipped: Sequence[Mapping[str, Any]], limit: int = 10,
+                  full_list: str | None = "the run's skipped.jsonl / --json") -> str:
+    """What was skipped and why, the first ``limit`` by path ("" when nothing was).
+
+    ``full_list`` says where the rest can be read, in the terms of the command printing it (a command without a
+    run directory passes "--json"); None leaves the pointer out.
+    """
     if not skipped:
         return ""
     out = [f"skipped {len(skipped)} file(s):"]
     out += [f"  {s['path']}: {s['reason']}" for s in skipped[:limit]]
     if len(skipped) > limit:
-        out.append(f"  ... and {len(skipped) - limit} more (full list in the run's skipped.jsonl / --json)")
+        where = f" (full list in {full_list})" if full_list else ""
+        out.append(f"  ... and {len(skipped) - limit} more{where}")
     return "\n".join(out)
 
 
@@ -117,7 +129,7 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         delta = "-"
         if r.get("delta_vs_zeroshot") is not None:
-            delta = f"{r['delta_vs_zeroshot']:+.3f} (p={r['delta_p_value']:.3f})"
+            delta = f"{r['delta_vs_zeroshot']:+.3f} ({p_value_text(r['delta_p_value'], r.get('delta_n_boot'))})"
         lines.append([r["rung"], r["setting"], r["features"],
                       f"{fmt(r['top1'])} [{fmt(r['top1_ci_low'])}, {fmt(r['top1_ci_high'])}]",
                       fmt(r["top1_std"]), fmt(r["balanced_accuracy"]), fmt(r["macro_f1"]), delta,

@@ -21,6 +21,10 @@ renamed file is not recomputed.
   same in every process.
 - Integrity: on its first read in a process a shard's size, npy header and sha256 must match its sidecar,
   else ``CorruptStoreError`` names the file and the fix; ``verify()`` / ``repair()`` check or remove shards.
+  The index cache records digests of its files: a damaged one is dropped and rebuilt, never trusted (keys it
+  could not find would be stored again), and ``verify()`` reports it (``deep``: compared with every sidecar).
+- Cleaning up: ``EmbeddingStore.remove_space`` (renamed aside, then deleted) and ``gc`` (files of dead writers,
+  spaces of ``local:`` / ``hf:`` model directories that are gone).
 - Commits by time: a writer also commits every ``commit_seconds`` (default ``writer.COMMIT_SECONDS``), so
   ``compact()`` merges the short shards this leaves, keeping every key and value at every moment (``compact``).
 """
@@ -28,10 +32,13 @@ renamed file is not recomputed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
 import re
+import secrets
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -44,7 +51,18 @@ from ..atomic import atomic_open
 from ..errors import CorruptStoreError, EncoderlabError
 from . import compact as _compact
 from . import shards as _shards
-from .key_index import KeyIndex, encode_query, key_list, load_cache, save_cache
+from .key_index import (
+    CacheProblem,
+    KeyIndex,
+    Segment,
+    cache_token,
+    drop_cache,
+    encode_query,
+    key_list,
+    read_cache,
+    save_cache,
+    widen,
+)
 from .shards import ShardRecord
 from .writer import ShardWriter
 
@@ -56,6 +74,10 @@ OPEN_SHARDS = 256  # memory maps kept open per space (each holds a file descript
 # Shards whose checksum this process has verified, keyed by identity and promise, shared by all spaces.
 _VERIFIED: set[tuple[str, int, int, int, str]] = set()
 _VERIFIED_LOCK = threading.Lock()
+# Where ``remove_space`` moves a space before deleting it; the leading dot keeps it out of every listing.
+_REMOVING_PREFIX = ".removing-"
+# Encoder spec prefixes whose target may be a model directory on disk (what ``gc`` checks for existence).
+_DIR_PREFIXES = ("local", "hf", "hf-vision", "hf-text")
 
 
 def _repair_fix(sidecar: Path) -> str:
@@ -95,6 +117,7 @@ class EmbeddingStore:
 
             root = store_dir()
         self.root = Path(root)
+        _check_root(self.root)  # a file given as the store fails here, before any work
         self.checksum_on_read = checksum_on_read
         self._spaces: dict[str, EmbeddingSpace] = {}
         self._lock = threading.Lock()
@@ -119,16 +142,113 @@ class EmbeddingStore:
             sp._write_meta(dict(meta))
         return sp
 
+    def exists(self) -> bool:
+        """Whether the store directory exists (a typo in a path must not look like an empty store)."""
+        return self.root.is_dir()
+
+    def space_names(self) -> list[str]:
+        """Fingerprints of the spaces on disk, sorted, without opening them."""
+        if not self.root.is_dir():
+            return []
+        return [
+            d.name
+            for d in sorted(self.root.iterdir())
+            if d.is_dir() and _FINGERPRINT_RE.match(d.name) and ((d / "space.json").exists() or (d / "shards").is_dir())
+        ]
+
     def spaces(self) -> list[dict[str, Any]]:
         """One summary per space on disk: fingerprint, meta, items, shards, dim, bytes (and problem, if any)."""
-        out = []
-        if not self.root.is_dir():
+        return [self.space(name).summary() for name in self.space_names()]
+
+    def resolve(self, prefix: str) -> str:
+        """The one space whose fingerprint is ``prefix`` or starts with it; ambiguous or unknown prefixes fail."""
+        names = self.space_names()
+        if prefix in names:
+            return prefix
+        found = [n for n in names if prefix and n.startswith(prefix)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise EncoderlabError(
+                f"space prefix {prefix!r} matches {len(found)} spaces in store {self.root}: "
+                + ", ".join(n[:16] for n in found[:5]) + (" ..." if len(found) > 5 else ""),
+                "give more characters of the fingerprint (see `encoderlab store list`)",
+            )
+        raise EncoderlabError(f"no space {prefix!r} in store {self.root}", "see `encoderlab store list` for the spaces")
+
+    def remove_space(self, fingerprint: str, dry_run: bool = False) -> dict[str, Any]:
+        """Delete one space (exact fingerprint); returns fingerprint, path, meta, files and bytes (freed).
+
+        The directory is first renamed aside in one step, so a reader or writer never sees half a space: a reader
+        then finds its shards gone (``ShardRemovedError``, then missing keys), a writer still running recreates the
+        space with only its own later shards. A removal killed midway leaves a hidden directory ``gc`` deletes.
+        """
+        if fingerprint not in self.space_names():
+            raise EncoderlabError(f"no space {fingerprint!r} in store {self.root}", "see `encoderlab store list`")
+        path = self.root / fingerprint
+        files, size = _tree_size(path)
+        meta = None
+        with contextlib.suppress(CorruptStoreError):
+            meta = self.space(fingerprint).meta
+        out = {"fingerprint": fingerprint, "path": str(path), "meta": meta, "files": files, "bytes": size,
+               "removed": False}
+        if dry_run:
             return out
-        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and _FINGERPRINT_RE.match(p.name)):
-            if not (d / "space.json").exists() and not (d / "shards").is_dir():
-                continue
-            out.append(self.space(d.name).summary())
+        aside = self.root / f"{_REMOVING_PREFIX}{fingerprint}-{secrets.token_hex(4)}"
+        try:
+            os.replace(path, aside)
+        except OSError as e:
+            raise _shards.write_error(e, path, self.root) or EncoderlabError(
+                f"cannot remove space {path}: {e.strerror or e}", "check the store's permissions"
+            ) from None
+        with self._lock:
+            sp = self._spaces.pop(fingerprint, None)
+        if sp is not None:
+            sp.forget()
+        shutil.rmtree(aside, ignore_errors=True)
+        out["removed"] = True
         return out
+
+    def gc(self, dry_run: bool = False) -> dict[str, Any]:
+        """Delete what no run needs: files of writers that died mid-write, half-removed spaces, and spaces whose
+        encoder is a ``local:`` / ``hf:`` model directory that no longer exists (e.g. a test's temporary model).
+
+        Returns ``orphans`` and ``spaces`` (what was, or with ``dry_run`` would be, removed) and ``bytes`` freed.
+        Spaces of hub ids or relative paths are kept: whether they still exist cannot be told from here.
+        """
+        orphans: list[dict[str, Any]] = []
+        spaces: list[dict[str, Any]] = []
+        if self.root.is_dir():
+            for d in sorted(self.root.iterdir()):
+                if d.is_dir() and d.name.startswith(_REMOVING_PREFIX):
+                    files, size = _tree_size(d)
+                    orphans.append({"kind": "removed-space", "path": str(d), "bytes": size})
+                    if not dry_run:
+                        shutil.rmtree(d, ignore_errors=True)
+        for name in self.space_names():
+            sp = self.space(name)
+            for o in _shards.find_orphans(sp.shards_dir):
+                if not o["removable"]:
+                    continue
+                try:
+                    size = Path(o["path"]).stat().st_size
+                    if not dry_run:
+                        os.unlink(o["path"])
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise _shards.write_error(e, Path(o["path"]), self.root) or e from None
+                orphans.append({"kind": o["problem"], "space": name, "path": o["path"], "bytes": size})
+            try:
+                spec = (sp.meta or {}).get("spec")
+            except CorruptStoreError:
+                continue
+            model_dir = _spec_dir(spec)
+            if model_dir is not None and not model_dir.exists():
+                done = self.remove_space(name, dry_run=dry_run)
+                spaces.append({**done, "reason": f"encoder directory {model_dir} no longer exists"})
+        total = sum(o["bytes"] for o in orphans) + sum(s["bytes"] for s in spaces)
+        return {"store": str(self.root), "dry_run": dry_run, "orphans": orphans, "spaces": spaces, "bytes": total}
 
     def stats(self) -> dict[str, Any]:
         """Totals over all spaces."""
@@ -156,6 +276,8 @@ class EmbeddingSpace:
         self._index: KeyIndex | None = None
         self._bad: dict[str, str] = {}  # sidecar name -> why it could not be read
         self._cached_rows = 0  # rows covered by the on-disk index cache
+        self._cache_token: str | None = None  # token of the on-disk cache the index was loaded from
+        self._distrusted: set[str] = set()  # cache tokens found to disagree with the sidecars: never loaded again
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def __repr__(self) -> str:
@@ -183,8 +305,13 @@ class EmbeddingSpace:
                 if self.meta is not None:
                     return  # written once: the fingerprint already pins what it describes
         doc = {"format": _shards.FORMAT, "fingerprint": self.fingerprint, "meta": meta}
-        with atomic_open(path, "wb") as f:
-            f.write((json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
+        try:
+            with atomic_open(path, "wb") as f:
+                f.write((json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return  # only describes the space: a read-only store still serves reads; writers say so
+            raise _shards.write_error(e, path, self.path.parent) or e from None
 
     # ----------------------------------------------------------------------------------------- index
 
@@ -210,7 +337,7 @@ class EmbeddingSpace:
         if not full and self._index is not None and not self._index.names <= names:
             full = True  # shards were removed (repair): start over
         if full or self._index is None:
-            cached = load_cache(self.index_dir, names)
+            cached = self._load_cache(names)
             self._index = KeyIndex([cached] if cached is not None else [])
             self._cached_rows = cached.rows if cached is not None else 0
         known = self._index.names
@@ -231,6 +358,43 @@ class EmbeddingSpace:
         self._bad = bad
         self._maybe_save_cache()
 
+    def _load_cache(self, committed: set[str]) -> Segment | None:
+        """The on-disk index cache if it passes its checks; a damaged or stale one is dropped (rebuilt later).
+
+        Trusting a damaged cache is not harmless: keys it cannot find look missing, writers store them again and
+        the space counts them twice.
+        """
+        self._cache_token = None
+        try:
+            found = read_cache(self.index_dir, committed)
+        except CacheProblem as e:
+            drop_cache(self.index_dir, raw=e.raw)  # only the cache judged, not one committed since
+            return None
+        if found is None or found[1] in self._distrusted:
+            return None
+        self._cache_token = found[1]
+        return found[0]
+
+    def _cache_disagrees(self, rec: ShardRecord) -> bool:
+        """Whether ``rec`` came from the on-disk cache and differs from its sidecar; if so the cache is dropped
+        and the index forgotten, so the next read rebuilds it from the sidecars."""
+        token = self._cache_token
+        if token is None:
+            return False
+        try:
+            side, _ = _shards.read_sidecar(self.shards_dir / rec.sidecar_name)
+        except (ValueError, OSError):
+            return False
+        if side == rec:
+            return False
+        with self._lock:
+            self._distrusted.add(token)
+            drop_cache(self.index_dir, token=token)
+            self._index = None
+            self._cache_token = None
+            self._maps.clear()
+        return True
+
     def _maybe_save_cache(self) -> None:
         idx = self._index
         if idx is None or self._bad:
@@ -246,6 +410,7 @@ class EmbeddingSpace:
             self.index_dir.mkdir(parents=True, exist_ok=True)
             save_cache(self.index_dir, seg)
             self._cached_rows = seg.rows
+            self._cache_token = cache_token(self.index_dir)
 
     def refresh(self) -> None:
         """Pick up shards committed (or removed) by other writers since this space was opened."""
@@ -387,22 +552,13 @@ class EmbeddingSpace:
                 return mm
         path = self.shards_dir / rec.npy_name
         sidecar = self.shards_dir / rec.sidecar_name
-        try:
-            st = path.stat()
-            ident = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, rec.checksum)
-        except FileNotFoundError:
-            ident = None
-        with _VERIFIED_LOCK:
-            verified = ident in _VERIFIED
-        if not verified:
-            problem = _shards.check_shard(self.shards_dir, rec, deep=self.checksum_on_read)
-            if problem is not None:
-                if not sidecar.exists():  # removed (sidecar first), possibly while it was being checked
-                    raise self._removed(path)
-                raise CorruptStoreError(f"embedding shard {path} is corrupt: {problem[1]}", _repair_fix(sidecar))
-            if self.checksum_on_read and ident is not None:
-                with _VERIFIED_LOCK:
-                    _VERIFIED.add(ident)
+        problem = self._check_once(rec)
+        if problem is not None:
+            if not sidecar.exists():  # removed (sidecar first), possibly while it was being checked
+                raise self._removed(path)
+            if self._cache_disagrees(rec):  # the index, not the shard, was wrong: get() re-reads and retries
+                raise self._removed(path)
+            raise CorruptStoreError(f"embedding shard {path} is corrupt: {problem[1]}", _repair_fix(sidecar))
         try:
             mm = _map_rows(path, rec)
         except FileNotFoundError:
@@ -412,6 +568,71 @@ class EmbeddingSpace:
             while len(self._maps) > OPEN_SHARDS:
                 self._maps.popitem(last=False)
         return mm
+
+    def _check_once(self, rec: ShardRecord) -> tuple[str, str] | None:
+        """(problem, detail) when a shard does not match ``rec``; a checksum that passed is not recomputed in this
+        process while the file (inode, size, mtime) stays the same."""
+        path = self.shards_dir / rec.npy_name
+        try:
+            st = path.stat()
+            ident = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, rec.checksum)
+        except FileNotFoundError:
+            ident = None
+        with _VERIFIED_LOCK:
+            if ident in _VERIFIED:
+                return None
+        problem = _shards.check_shard(self.shards_dir, rec, deep=self.checksum_on_read)
+        if problem is None and self.checksum_on_read and ident is not None:
+            with _VERIFIED_LOCK:
+                _VERIFIED.add(ident)
+        return problem
+
+    def verify_holding(self, keys: Sequence[str], repair: bool = False) -> list[dict[str, Any]]:
+        """Check the shards holding any of ``keys`` (what a caller is about to count as stored) and list problems.
+
+        The check is the one a read does (size, header, and sha256 unless ``checksum_on_read`` is off), done once
+        per process per shard. ``repair``: remove the corrupt shards (sidecar first, as ``repair()`` does) so
+        their keys become ``missing`` and are recomputed; each problem then lists what it ``removed``.
+        """
+        problems: list[dict[str, Any]] = []
+        for _ in range(2):  # a second pass only after a cache that disagreed with the sidecars was dropped
+            idx = self._load()
+            shard, _ = idx.lookup(encode_query(keys))
+            problems, retry = [], False
+            for i in np.unique(shard[shard >= 0]).tolist():
+                rec = idx.shards[i]
+                found = self._check_once(rec)
+                if found is None or not (self.shards_dir / rec.sidecar_name).exists():
+                    continue
+                if self._cache_disagrees(rec):
+                    retry = True
+                    break
+                problems.append({"kind": "corrupt", "problem": found[0], "shard": rec.name,
+                                 "path": str(self.shards_dir / rec.npy_name), "detail": found[1], "rows": rec.rows})
+            if not retry:
+                break
+        if repair and problems:
+            for p in problems:
+                p["removed"] = self._remove_shard_files(p["shard"])
+            self.refresh()
+        return problems
+
+    def _remove_shard_files(self, name: str) -> list[str]:
+        """Delete a committed shard, sidecar first so it stops counting before its data goes."""
+        gone = []
+        for path in (self.shards_dir / (name + ".json"), self.shards_dir / (name + ".npy")):
+            try:
+                path.unlink()
+                gone.append(str(path))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise EncoderlabError(
+                    f"embedding shard {self.shards_dir / name}.npy is corrupt and cannot be removed"
+                    f" ({e.strerror or e})",
+                    "run `encoderlab store verify --repair` where the store is writable",
+                ) from None
+        return gone
 
     def _removed(self, path: Path) -> ShardRemovedError:
         return ShardRemovedError(
@@ -430,24 +651,32 @@ class EmbeddingSpace:
 
     def put(self, keys: Sequence[str], array: Any, dtype: str = "float32") -> int:
         """Store ``array`` rows under ``keys`` (keys already stored are skipped); returns rows written."""
-        with self.writer(dtype=dtype) as w:
+        # check_writable=False: putting keys the space holds already works on a read-only store
+        with ShardWriter(self, dtype=dtype, check_writable=False) as w:
             w.add(keys, array)
         return w.rows_written
+
+    def check_writable(self) -> None:
+        """Fail with "store X is read-only" unless new shards can be created here (a cheap permission check)."""
+        _shards.check_writable(self.shards_dir, self.path.parent)
 
     # ------------------------------------------------------------------------------------- integrity
 
     def verify(self, deep: bool = True) -> list[dict[str, Any]]:
         """Check every committed shard against its sidecar (``deep``: full checksum) and list problems.
 
-        Each problem is a dict with ``kind`` ("corrupt": refused on read, or "orphan": an uncommitted file
-        that is ignored), ``problem`` (a stable short reason), ``shard``, ``path`` and ``detail``.
+        Each problem is a dict with ``kind`` ("corrupt": refused on read, "orphan": an uncommitted file that is
+        ignored, or "cache": a damaged index cache, ignored by readers), ``problem`` (a stable short reason),
+        ``shard``, ``path`` and ``detail``. The index cache is checked too (``deep``: against every sidecar).
         """
         problems: list[dict[str, Any]] = []
         committed, _, _ = _shards.list_shard_files(self.shards_dir)
+        sidecars: dict[str, tuple[ShardRecord, np.ndarray]] = {}
         for name in committed:
             sidecar = self.shards_dir / (name + ".json")
             try:
-                rec, _ = _shards.read_sidecar(sidecar)
+                rec, keys = _shards.read_sidecar(sidecar)
+                sidecars[name] = (rec, keys)
             except FileNotFoundError:
                 continue
             except (ValueError, OSError) as e:
@@ -475,16 +704,60 @@ class EmbeddingSpace:
                 )
         for o in _shards.find_orphans(self.shards_dir):
             problems.append({k: v for k, v in o.items() if k != "removable"})
+        problems += self._verify_cache(set(committed), sidecars, deep)
         return problems
 
+    def _verify_cache(
+        self, committed: set[str], sidecars: dict[str, tuple[ShardRecord, np.ndarray]], deep: bool
+    ) -> list[dict[str, Any]]:
+        """Problems of the on-disk index cache: what readers check (digests, structure, sample lookups), that it
+        lists the shards as their sidecars do and, with ``deep``, that it maps the sidecars' keys to the same rows.
+
+        A cache covering a shard that is gone is not a problem (compaction and repair leave one; readers drop it).
+        """
+        path = str(self.index_dir / "index.json")
+
+        def problem(code: str, detail: str) -> list[dict[str, Any]]:
+            return [{"kind": "cache", "problem": code, "shard": None, "path": path,
+                     "detail": detail + "; readers ignore it, --repair deletes it and it is rebuilt from the sidecars"}]
+
+        try:
+            found = read_cache(self.index_dir, committed)
+        except CacheProblem as e:
+            if e.stale:
+                return []
+            return problem("bad-index-cache", str(e))
+        if found is None:
+            return []
+        seg, _ = found
+        for rec in seg.shards:
+            side = sidecars.get(rec.name)
+            if side is not None and side[0] != rec:
+                return problem("index-cache-mismatch", f"{path} describes shard {rec.name} unlike its sidecar")
+        if deep and all(rec.name in sidecars for rec in seg.shards):
+            arrays = [sidecars[rec.name][1] for rec in seg.shards]
+            if not np.array_equal(widen(arrays), seg.keys):
+                return problem("index-cache-mismatch", f"{path} lists other keys than the sidecars of its shards")
+            rebuilt = Segment.build(seg.shards, arrays, [])
+            a = np.lexsort((rebuilt.positions, rebuilt.hashes))
+            b = np.lexsort((seg.positions, seg.hashes))
+            same = np.array_equal(rebuilt.hashes[a], seg.hashes[b]) and np.array_equal(
+                rebuilt.positions[a], seg.positions[b]
+            )
+            if not same:
+                return problem("index-cache-mismatch", f"{path} maps keys to other rows than its shards hold")
+        return []
+
     def repair(self) -> list[dict[str, Any]]:
-        """Delete corrupt shards (and their sidecars) and orphans of dead writers; returns what was removed.
+        """Delete corrupt shards (and their sidecars), orphans of dead writers and a damaged index cache; returns
+        what was removed.
 
         The items of a removed shard become ``missing`` and are recomputed by the next extraction.
         """
         removed = []
         with self._lock:
-            for p in self.verify(deep=True):
+            problems = self.verify(deep=True)
+            for p in problems:
                 if p["kind"] != "corrupt":
                     continue
                 paths = [self.shards_dir / (p["shard"] + ".json"), self.shards_dir / (p["shard"] + ".npy")]
@@ -496,6 +769,9 @@ class EmbeddingSpace:
                 removed.append({**p, "removed": gone})
             for path in _shards.remove_orphans(self.shards_dir):
                 removed.append({"kind": "orphan", "path": path, "removed": [path]})
+            for p in problems:
+                if p["kind"] == "cache":
+                    removed.append({**p, "removed": drop_cache(self.index_dir)})
             self._index = None
             self._maps.clear()
         return removed
@@ -546,3 +822,39 @@ def _map_rows(path: Path, rec: ShardRecord) -> np.ndarray:
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     return np.frombuffer(mm, dtype=dtype, count=rec.rows * rec.dim, offset=header).reshape(rec.rows, rec.dim)
+
+
+def _check_root(root: Path) -> None:
+    """Refuse a store root that is a file (or lies under one), naming it, before anything reads or writes."""
+    base = _shards.nearest_existing(root)
+    if base.exists() and not base.is_dir():
+        where = f"{root} is a file" if base == root else f"{root} is under {base}, which is a file"
+        raise EncoderlabError(
+            f"embedding store {where}, not a directory",
+            "pass a directory as --store (or EmbeddingStore(root)); a missing one is created on the first write",
+        )
+
+
+def _tree_size(path: Path) -> tuple[int, int]:
+    """(files, bytes) under ``path`` (files that vanish meanwhile are skipped)."""
+    files = size = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(dirpath, n)).st_size
+                files += 1
+    return files, size
+
+
+def _spec_dir(spec: Any) -> Path | None:
+    """The model directory an encoder spec names (``local:DIR``, ``hf:/abs/dir``), None for hub ids and the like.
+
+    Only absolute (or ``~``) paths count: a relative one was relative to a working directory not recorded.
+    """
+    if not isinstance(spec, str):
+        return None
+    prefix, sep, target = spec.partition(":")
+    if not sep or prefix not in _DIR_PREFIXES or not target:
+        return None
+    path = Path(target.split("?", 1)[0]).expanduser()
+    return path if path.is_absolute() else None

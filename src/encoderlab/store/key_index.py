@@ -8,18 +8,22 @@ committing shard after shard pays O(N log N) in total. A segment never repeats a
 for a key written twice, the first shard in read order wins.
 
 A consolidated index (one segment) is cached under ``index/`` so a large space opens without reading every
-sidecar; the cache lists the shards it covers and is ignored when any of them is gone.
+sidecar; the cache lists the shards it covers, records sha256 digests of its files and of itself, and is
+dropped (then rebuilt from the sidecars) when damaged or when any shard it covers is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +31,7 @@ from ..atomic import atomic_open
 from ..errors import EncoderlabError
 from .shards import ShardRecord, is_shard_name, shard_seq
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: index.json records digests of itself and its data files
 HASH_VERSION = "u64-mulxor-sum-splitmix-1"  # bump when key_hash changes: cached hashes would no longer match
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -270,24 +274,43 @@ class KeyIndex:
 # ------------------------------------------------------------------------------------- on-disk cache
 
 
+def _digest(data: bytes | memoryview) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _doc_digest(doc: dict[str, Any]) -> str:
+    """Digest of ``index.json`` without its own ``digest`` field: an edited count or shard list is detected."""
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    return _digest(json.dumps(body, sort_keys=True).encode("utf-8"))
+
+
 def save_cache(directory: Path, segment: Segment) -> None:
-    """Write ``segment`` as the consolidated index: data files first, then ``index.json`` commits them."""
+    """Write ``segment`` as the consolidated index: data files first, then ``index.json`` commits them.
+
+    ``index.json`` records the sha256 of each data file and of itself: a damaged cache is not merely "missing
+    keys", it makes writers store those keys again (a space then counts them twice), so it must be detected.
+    """
     token = secrets.token_hex(4)
-    files = {}
+    files, digests = {}, {}
     for part, arr in (("keys", segment.keys), ("hashes", segment.hashes), ("positions", segment.positions)):
         fname = f"index-{token}.{part}.npy"
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
         with atomic_open(directory / fname, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+            f.write(buf.getbuffer())
         files[part] = fname
-    doc = {
+        digests[part] = _digest(buf.getbuffer())
+    doc: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "hash": HASH_VERSION,
         "token": token,
         "files": files,
+        "digests": digests,
         "rows": segment.rows,
         "items": len(segment),
         "shards": [s.to_json() for s in segment.shards],
     }
+    doc["digest"] = _doc_digest(doc)
     with atomic_open(directory / "index.json", "wb") as f:
         f.write(json.dumps(doc).encode("utf-8"))
     _remove_stale_cache_files(directory, keep=token)
@@ -307,42 +330,154 @@ def _remove_stale_cache_files(directory: Path, keep: str) -> None:
                     os.unlink(e.path)
 
 
-def load_cache(directory: Path, committed: set[str]) -> Segment | None:
-    """The cached consolidated index, or None if absent, damaged, or covering a shard that is gone.
-
-    Damage the structural checks miss can only make keys look missing (every hit is confirmed by comparing
-    the full key), never return another key's row; missing keys are recomputed, so the cache carries no
-    checksum of its own.
-    """
+def _token_of(raw: bytes | None) -> str | None:
     try:
-        obj = json.loads((directory / "index.json").read_bytes())
+        token = json.loads(raw).get("token") if raw is not None else None
+    except (ValueError, AttributeError):
+        return None
+    return token if isinstance(token, str) else None
+
+
+def cache_token(directory: Path) -> str | None:
+    """The token of the cache ``index.json`` commits now (None when absent or unreadable)."""
+    try:
+        return _token_of((directory / "index.json").read_bytes())
+    except OSError:
+        return None
+
+
+def drop_cache(directory: Path, token: str | None = None, raw: bytes | None = None) -> list[str]:
+    """Delete the cache, only if ``index.json`` still has ``token`` / still reads ``raw`` (both None: whatever
+    is there, with every cache data file); returns the deleted paths.
+
+    The conditions keep a newer cache that another process committed meanwhile. Best effort: on a read-only
+    store nothing is deleted and readers keep ignoring the bad cache.
+    """
+    removed: list[str] = []
+    index = directory / "index.json"
+    try:
+        current = index.read_bytes()
+    except OSError:
+        current = None
+    if (raw is not None and current != raw) or (token is not None and _token_of(current) != token):
+        return removed
+    with contextlib.suppress(OSError):
+        index.unlink()  # index.json first: the cache stops counting before its data goes
+        removed.append(str(index))
+    everything = token is None and raw is None
+    ours = token or _token_of(current)
+    if not everything and ours is None:
+        return removed  # unreadable index.json: its data files are left to the next save's cleanup
+    with contextlib.suppress(OSError):
+        for e in os.scandir(directory):
+            if e.name.startswith("index-") and (everything or f"index-{ours}." in e.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+                    removed.append(e.path)
+    return removed
+
+
+class CacheProblem(ValueError):
+    """Why a cached index cannot be used (the message is the detail ``verify`` reports).
+
+    ``stale``: it covers a shard that is gone (compaction or repair leave that; not damage). ``raw``: the
+    ``index.json`` bytes judged, so only that cache is dropped.
+    """
+
+    def __init__(self, message: str, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
+        self.raw: bytes | None = None
+
+
+def read_cache(directory: Path, committed: set[str]) -> tuple[Segment, str] | None:
+    """(segment, token) of the cached consolidated index, None when there is none; ``CacheProblem`` when damaged.
+
+    Checked on every open, for the price of hashing the cache files once (~25 ms per million keys): both
+    digests, the structure, every listed shard still committed, and a sample of lookups. What only the
+    sidecars can tell (that the cache lists the same shards, keys and positions) is ``verify``'s deep check.
+    """
+    path = directory / "index.json"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CacheProblem(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
+        return _read_cache(directory, committed, raw)
+    except CacheProblem as e:
+        e.raw = raw
+        raise
+
+
+def _read_cache(directory: Path, committed: set[str], raw: bytes) -> tuple[Segment, str]:
+    path = directory / "index.json"
+    try:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict):
+            raise CacheProblem(f"{path} is not a JSON object")
         if obj.get("format") != CACHE_FORMAT or obj.get("hash") != HASH_VERSION:
-            return None
+            raise CacheProblem(f"{path} has format {obj.get('format')!r}, not {CACHE_FORMAT} (another version's)")
+        if obj.get("digest") != _doc_digest(obj):
+            raise CacheProblem(f"{path} was modified after it was written (its digest does not match)")
         shards = [ShardRecord.from_json(s, s["name"]) for s in obj["shards"]]
-        if any(not is_shard_name(s.name) for s in shards):
-            return None
-        if not shards or any(s.name not in committed for s in shards):
-            return None
+        if not shards or any(not is_shard_name(s.name) for s in shards):
+            raise CacheProblem(f"{path} lists no shards or an invalid shard name")
+        gone = [s.name for s in shards if s.name not in committed]
+        if gone:
+            raise CacheProblem(f"{path} covers {len(gone)} shard(s) that are gone, e.g. {gone[0]}", stale=True)
         arrays = {}
         for part in ("keys", "hashes", "positions"):
             fname = obj["files"][part]
             if Path(fname).name != fname:
-                return None
-            arrays[part] = np.load(directory / fname, mmap_mode="r", allow_pickle=False)
-        seg = Segment(shards, arrays["keys"], arrays["hashes"], arrays["positions"])
-        if (
-            seg.rows != obj["rows"]
-            or len(seg.keys) != seg.rows
-            or arrays["keys"].dtype.kind != "S"
-            or len(seg.hashes) != obj["items"]
-            or len(seg.positions) != obj["items"]
-            or arrays["hashes"].dtype != np.uint64
-            or arrays["positions"].dtype != np.int64
-        ):
-            return None
-        pos, h = seg.positions, seg.hashes
-        if len(pos) and (pos.min() < 0 or pos.max() >= seg.rows or (h[1:] < h[:-1]).any()):
-            return None
-        return seg
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # a cache is only ever an optimisation: fall back to the sidecars
+                raise CacheProblem(f"{path} names {fname!r} outside its directory")
+            data = (directory / fname).read_bytes()
+            if _digest(data) != obj["digests"][part]:
+                raise CacheProblem(f"{directory / fname} is damaged (its sha256 differs from index.json's)")
+            arrays[part] = np.load(io.BytesIO(data), allow_pickle=False)
+    except CacheProblem:
+        raise
+    except FileNotFoundError as e:
+        raise CacheProblem(f"{e.filename} is missing") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CacheProblem(f"{path} is malformed ({type(e).__name__}: {e})") from None
+    seg = Segment(shards, arrays["keys"], arrays["hashes"], arrays["positions"])
+    if (
+        seg.rows != obj["rows"]
+        or len(seg.keys) != seg.rows
+        or arrays["keys"].dtype.kind != "S"
+        or len(seg.hashes) != obj["items"]
+        or len(seg.positions) != obj["items"]
+        or arrays["hashes"].dtype != np.uint64
+        or arrays["positions"].dtype != np.int64
+    ):
+        raise CacheProblem(f"{path}: array shapes or dtypes disagree with its counts")
+    pos, h = seg.positions, seg.hashes
+    if len(pos) and (pos.min() < 0 or pos.max() >= seg.rows or (h[1:] < h[:-1]).any()):
+        raise CacheProblem(f"{path}: positions out of range or hashes unsorted")
+    _self_test(seg, path)
+    return seg, obj["token"]
+
+
+def _self_test(seg: Segment, path: Path, n: int = 64) -> None:
+    """A cache that cannot find its own keys would make writers store them again: look up a sample."""
+    if not seg.rows:
+        return
+    rng = np.random.default_rng(seg.rows)
+    i = rng.integers(0, len(seg.positions), min(n, len(seg.positions)))
+    if (key_hash(seg.keys[seg.positions[i]]) != seg.hashes[i]).any():
+        raise CacheProblem(f"{path}: cached hashes do not match their keys")
+    rows = rng.integers(0, seg.rows, min(n, seg.rows))
+    q = np.ascontiguousarray(seg.keys[rows])
+    if (seg.lookup(q, key_hash(q)) < 0).any():
+        raise CacheProblem(f"{path}: cached keys cannot be found through the cache")
+
+
+def load_cache(directory: Path, committed: set[str]) -> Segment | None:
+    """The cached consolidated index, or None if absent, damaged, or covering a shard that is gone."""
+    try:
+        found = read_cache(directory, committed)
+    except CacheProblem:
+        return None
+    return found[0] if found else None

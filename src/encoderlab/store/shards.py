@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import io
 import json
@@ -178,6 +179,50 @@ def blob_to_keys(blob: str, rows: int) -> np.ndarray:
     if any(not p for p in parts):
         raise ValueError("sidecar lists an empty key")
     return np.array(parts, dtype=bytes)
+
+
+# --------------------------------------------------------------------------------------- write errors
+
+_DISK_FULL = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+_READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_error(e: OSError, path: Path, store: Path) -> EncoderlabError | None:
+    """The user's words for an OSError while writing ``path`` of the store at ``store`` (None: another error).
+
+    Disk full and permission errors are the environment, not a bug: they get the file, the cause and the fix.
+    """
+    if e.errno in _DISK_FULL:
+        return EncoderlabError(
+            f"cannot write {path}: disk full ({e.strerror or e})",
+            f"free space on the disk holding {store} or pass --store on another disk; "
+            "embeddings committed so far are kept, so rerunning resumes",
+        )
+    if e.errno in _READ_ONLY:
+        return read_only_error(store, path, e.strerror or str(e))
+    return None
+
+
+def read_only_error(store: Path, path: Path, why: str) -> EncoderlabError:
+    return EncoderlabError(
+        f"store {store} is read-only: cannot write {path} ({why})",
+        "pass a writable --store (e.g. a copy of this one), or get write permission; "
+        "reading embeddings it already holds works without it",
+    )
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (what a ``mkdir(parents=True)`` would write into)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_writable(path: Path, store: Path) -> None:
+    """Fail with ``read_only_error`` unless files can be created in ``path`` (or where it would be created)."""
+    target = nearest_existing(path)
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise read_only_error(store, path, f"no write permission on {target}")
 
 
 # ------------------------------------------------------------------------------------------- writing

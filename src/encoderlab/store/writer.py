@@ -79,7 +79,10 @@ class ShardWriter:
         shard_size: int = 4096,
         dtype: str = "float32",
         commit_seconds: float | None = None,
+        check_writable: bool = True,
     ) -> None:
+        """``check_writable``: fail now on a read-only store, before the caller computes rows (False: only once
+        the first new row must be stored, so re-adding stored keys works on a read-only store)."""
         if not isinstance(shard_size, int) or shard_size < 1:
             raise EncoderlabError(f"shard_size must be a positive integer, got {shard_size!r}")
         if dtype not in _shards.SUPPORTED_DTYPES:
@@ -102,6 +105,14 @@ class ShardWriter:
         self._seq = -1
         self._closed = False
         self._cleaned = False
+        self._writable = False
+        if check_writable:
+            self._check_writable()
+
+    def _check_writable(self) -> None:
+        if not self._writable:
+            self.space.check_writable()
+            self._writable = True
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -155,6 +166,7 @@ class ShardWriter:
             take = take[[keys[i] not in self._buffered for i in take.tolist()]]
         self.rows_skipped += len(keys) - len(take)
         if len(take):
+            self._check_writable()
             new_keys = [keys[i] for i in take.tolist()]
             self._buffered.update(new_keys)
             self._keys.extend(new_keys)
@@ -201,21 +213,30 @@ class ShardWriter:
         rows = np.concatenate(self._rows) if len(self._rows) > 1 else self._rows[0]
         enc = widen(self._enc) if len(self._enc) > 1 else self._enc[0]
         keys, data = self._keys[:n], rows[:n].astype(self.dtype)
-        if not self._cleaned:
-            self._cleaned = True
-            self.space.clean_orphans()
-        self.space.shards_dir.mkdir(parents=True, exist_ok=True)
-        known = self.space.last_shard_seq()
-        for _ in range(5):
-            self._seq = max(self._seq, known) + 1
-            name = _shards.new_shard_name(self._seq)
-            try:
-                rec = _shards.write_shard(self.space.shards_dir, name, keys, data)
-                break
-            except FileExistsError:
-                continue
-        else:  # pragma: no cover - five random 32-bit collisions in a row
-            raise EncoderlabError(f"could not pick a fresh shard name in {self.space.shards_dir}")
+        directory = self.space.shards_dir
+        target = directory
+        try:
+            if not self._cleaned:
+                self._cleaned = True
+                self.space.clean_orphans()
+            directory.mkdir(parents=True, exist_ok=True)
+            known = self.space.last_shard_seq()
+            for _ in range(5):
+                self._seq = max(self._seq, known) + 1
+                name = _shards.new_shard_name(self._seq)
+                target = directory / (name + ".npy")
+                try:
+                    rec = _shards.write_shard(directory, name, keys, data)
+                    break
+                except FileExistsError:
+                    continue
+            else:  # pragma: no cover - five random 32-bit collisions in a row
+                raise EncoderlabError(f"could not pick a fresh shard name in {directory}")
+        except OSError as e:  # disk full or read-only: the environment, said in the user's words
+            err = _shards.write_error(e, target, self.space.path.parent)
+            if err is None:
+                raise
+            raise err from None
         self.space.register_shard(rec, enc[:n])
         self._keys = self._keys[n:]
         self._rows = [rows[n:]] if n < len(rows) else []
