@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 from encoderlab.data import Dataset
 from encoderlab.encoders import create_encoder
-from encoderlab.encoders.aligned import AlignedDualEncoder, portable_spec, resolve_spec
+from encoderlab.encoders.aligned import AlignedDualEncoder, check_output_dir, portable_spec, resolve_spec
 from encoderlab.errors import EncoderlabError
 from encoderlab.extract import image_embeddings, text_embeddings
 from encoderlab.store import EmbeddingStore
@@ -243,12 +244,12 @@ def test_refuses_to_overwrite_a_foreign_directory(tiny, tmp_path, trained):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(EncoderlabError, match="not empty and is not an encoderlab aligned model"):
+    with pytest.raises(EncoderlabError, match=r"not empty \(notes.txt\) and is not an encoderlab aligned model"):
         run(tiny, out, epochs=1)
     assert (out / "notes.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()
     run(tiny, tmp_path / "empty", epochs=1)  # an empty directory is fine
-    again = run(tiny, tmp_path / "empty", epochs=2)  # and an aligned model is replaced whole
+    again = run(tiny, tmp_path / "empty", epochs=2)  # and an aligned model is replaced
     assert json.loads((Path(again.path) / "encoderlab.json").read_text())["train"]["epochs_run"] == 2
 
 
@@ -360,3 +361,149 @@ def test_real_align_efficientnet_minilm_on_openclipart(tmp_path):
     assert c["i2t_mrr"] < 0.5 * m["i2t_mrr"] and c["t2i_mrr"] < 0.25 * m["t2i_mrr"]
     # Cached features: no tower ran, so this is seconds (no bound asserted: shared CPUs make timings noisy).
     assert math.isfinite(real.fit_seconds) and ctrl.config["train"]["counts"] == real.config["train"]["counts"]
+
+
+# ---- retraining keeps the user's files; what the model was trained on ---------------------------------------
+
+
+def _add_user_files(model_dir: Path) -> None:
+    """A user's note and a run they wrote into the model directory, plus the CLI's eval run (the model's own)."""
+    (model_dir / "notes.txt").write_text("mine")
+    (model_dir / "my-run").mkdir(exist_ok=True)
+    (model_dir / "my-run" / "results.json").write_text("{}")
+    (model_dir / "eval").mkdir()
+    (model_dir / "eval" / "results.json").write_text('{"metrics": "of the old heads"}')
+
+
+def _assert_user_files_kept(model_dir: Path) -> None:
+    assert (model_dir / "notes.txt").read_text() == "mine"
+    assert (model_dir / "my-run" / "results.json").read_text() == "{}"
+    assert not (model_dir / "eval").exists()  # it scored the previous heads: removed with them
+    assert not [p.name for p in model_dir.parent.iterdir() if p.name.startswith(".")]  # no temp or aside dirs
+
+
+def test_retraining_keeps_the_users_files(tiny, tmp_path):
+    out = tmp_path / "m"
+    first = run(tiny, out, epochs=2)
+    _add_user_files(out)
+    forced = run(tiny, out, epochs=2)  # `align --force`: reuse=False, same settings
+    assert forced.up_to_date is False
+    _assert_user_files_kept(out)
+    _add_user_files(out)
+    changed = run(tiny, out, epochs=3, reuse=True)  # a changed setting retrains
+    assert changed.up_to_date is False
+    _assert_user_files_kept(out)
+    enc = create_encoder(f"local:{out}", device="cpu")
+    assert enc.config["train"]["epochs_run"] == 3 and first.config["train"]["epochs_run"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["encoderlab.json", "heads.safetensors", "my-run", "notes.txt",
+                                                     "request.json", "training_items.json.gz"]
+
+
+def test_a_failure_in_the_middle_of_the_swap_leaves_the_old_model(tiny, tmp_path, monkeypatch):
+    import encoderlab.atomic as atomic
+
+    out = tmp_path / "m"
+    run(tiny, out, epochs=2)
+    _add_user_files(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real_replace = os.replace
+    seen: list[str] = []
+    failed: list[str] = []
+
+    def replace(src, dst):  # os.replace everywhere (atomic.os is os): only the swap's renames touch ``out``
+        if Path(dst).parent == out and Path(dst).name == "heads.safetensors" and not failed:
+            failed.append(dst)  # once: after the old files went aside, before the new config went in
+            raise OSError("disk full")
+        real_replace(src, dst)
+        if Path(src).parent == out:
+            seen.append(Path(src).name)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        run(tiny, out, epochs=3)
+    assert seen[0] == "encoderlab.json"  # the old config had been moved aside first: the failure was mid-swap
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # everything back
+    assert (out / "eval" / "results.json").is_file() and (out / "my-run" / "results.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert create_encoder(f"local:{out}", device="cpu").config["train"]["epochs_run"] == 2
+
+
+def test_every_state_of_the_swap_loads_as_the_old_or_the_new_model(tiny, tmp_path, monkeypatch):
+    """A kill at any rename leaves a directory that is either not a model, or the whole old or the whole new one."""
+    import encoderlab.atomic as atomic
+    from encoderlab.atomic import interrupted_saves
+
+    out = tmp_path / "m"
+    run(tiny, out, epochs=2)
+    old = {n: (out / n).read_bytes() for n in ("encoderlab.json", "heads.safetensors")}
+    real_replace = os.replace
+    states: list[str] = []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if out not in (Path(src).parent, Path(dst).parent):
+            return  # a temporary file renamed inside the new model's temp dir
+        if (out / "encoderlab.json").exists():
+            now = {n: (out / n).read_bytes() for n in old if (out / n).exists()}
+            states.append("old" if now == old else "new")
+        else:
+            states.append("none")
+            # what a kill here leaves: the previous config (and the files moved so far) in the aside directory
+            aside = interrupted_saves(out)
+            assert len(aside) == 1 and (aside[0] / "encoderlab.json").read_bytes() == old["encoderlab.json"]
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    new = run(tiny, out, epochs=3)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert states[0] == "none" and states[-1] == "new" and "old" not in states[1:]
+    assert (out / "heads.safetensors").read_bytes() != old["heads.safetensors"]
+    loaded = create_encoder(f"local:{out}", device="cpu")
+    assert loaded.config["train"]["epochs_run"] == new.epochs_run == 3
+
+
+def test_an_interrupted_swap_names_where_the_old_model_is(trained, tmp_path):
+    out = tmp_path / "m"
+    aside = tmp_path / ".m.abc123.old"
+    shutil.copytree(trained.path, aside)
+    out.mkdir()
+    shutil.copy(aside / "heads.safetensors", out / "heads.safetensors")  # killed mid-swap: no config in out
+    with pytest.raises(EncoderlabError, match=r"interrupted.*\.m\.abc123\.old"):
+        create_encoder(f"local:{out}", device="cpu")
+    with pytest.raises(EncoderlabError, match=r"interrupted.*\.m\.abc123\.old"):
+        check_output_dir(out)  # and align refuses it with the same hint
+
+
+def test_training_items_record_the_train_and_val_keys(trained, loaded, tiny):
+    from encoderlab.encoders.base import TrainingItems
+    from encoderlab.hashing import image_key, text_key
+
+    items = loaded.training_items()
+    assert isinstance(items, TrainingItems) and items.source == "tiny-pairs"
+    for split, got in (("train", items.train), ("val", items.val)):
+        table = tiny[split].table
+        assert got["image"] == frozenset(image_key(p) for p in table["image"])  # the copy shares its original's key
+        assert got["text"] == frozenset(text_key(t) for row in table["texts"] for t in row)
+    assert len(items.train["image"]) == 14 and len(items.seen("image")) == 14 + 8
+    assert loaded.training_items() is items  # read once
+
+
+def test_models_saved_before_training_items_have_none_and_are_retrained(trained, tiny, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(trained.path, copy)
+    (copy / "training_items.json.gz").unlink()
+    assert create_encoder(f"local:{copy}", device="cpu").training_items() is None
+    assert run(tiny, copy, reuse=True).up_to_date is False  # retrained once, to record them
+    assert create_encoder(f"local:{copy}", device="cpu").training_items() is not None
+    (copy / "training_items.json.gz").write_bytes(b"\x1f\x8b broken")
+    with pytest.raises(EncoderlabError, match="training_items.json.gz is truncated or damaged.*align --force"):
+        create_encoder(f"local:{copy}", device="cpu").training_items()
+
+
+def test_truncated_heads_are_named(trained, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(trained.path, copy)
+    heads = copy / "heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:100])
+    with pytest.raises(EncoderlabError, match=r"weights file .*heads.safetensors is truncated or damaged.*--force"):
+        create_encoder(f"local:{copy}", device="cpu")

@@ -1,4 +1,5 @@
-"""The shared training loop: schedule, early stopping with the best state, decay groups, clipping; atomic_dir."""
+"""The shared training loop: schedule, early stopping with the best state, decay groups, clipping; model-directory
+writes (``atomic.replace_entries``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import stat
 import pytest
 import torch
 
-from encoderlab.atomic import atomic_dir, process_umask
+from encoderlab.atomic import process_umask, replace_entries
 from encoderlab.errors import EncoderlabError
 from encoderlab.train import LoopSettings, decay_groups, fit, lr_at
 from encoderlab.train.schedule import capped_warmup, steps_per_epoch
@@ -120,46 +121,55 @@ def test_clipping_bounds_the_gradient_norm():
     assert grad_norm_after_one_step(1.0) == pytest.approx(1.0, rel=1e-5)
 
 
-# ---- atomic_dir ----------------------------------------------------------------------------------------
+# ---- replace_entries: the one writer of model directories ------------------------------------------------
 
 
-def test_atomic_dir_replaces_on_success_with_umask_permissions(tmp_path):
+OWNED = {"model.json", "weights.bin"}
+
+
+def test_replace_entries_swaps_only_owned_entries_with_umask_permissions(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
-    (out / "old.txt").write_text("old")
-    with atomic_dir(out) as tmp:
-        assert tmp.parent == tmp_path and tmp != out and not (tmp / "old.txt").exists()
-        (tmp / "new.txt").write_text("new")
-        assert (out / "old.txt").read_text() == "old"  # readers still see the old one while it is written
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
-    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~process_umask()
+    (out / "model.json").write_text("old")
+    (out / "weights.bin").write_text("old weights")
+    (out / "notes.txt").write_text("mine")  # the user's file: never touched
+    with replace_entries(out, OWNED, commit="model.json") as tmp:
+        assert tmp.parent == tmp_path and tmp != out and not any(tmp.iterdir())
+        (tmp / "model.json").write_text("new")
+        assert (out / "model.json").read_text() == "old"  # readers still see the old one while it is written
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "notes.txt"]  # stale weights.bin removed
+    assert (out / "model.json").read_text() == "new" and (out / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary or swapped-out directory left
-    with atomic_dir(tmp_path / "fresh" / "deep") as tmp:
-        (tmp / "a").write_text("a")
-    assert (tmp_path / "fresh" / "deep" / "a").read_text() == "a"
+    with replace_entries(tmp_path / "fresh" / "deep", OWNED, commit="model.json") as tmp:
+        (tmp / "model.json").write_text("a")
+    fresh = tmp_path / "fresh" / "deep"
+    assert (fresh / "model.json").read_text() == "a"
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o777 & ~process_umask()
 
 
-def test_atomic_dir_failure_keeps_the_old_directory(tmp_path, monkeypatch):
+def test_replace_entries_failure_keeps_the_previous_content(tmp_path, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
-    (out / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError, match="boom"), atomic_dir(out) as tmp:
-        (tmp / "new.txt").write_text("new")
+    (out / "model.json").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), replace_entries(out, OWNED, commit="model.json") as tmp:
+        (tmp / "model.json").write_text("new")
         raise RuntimeError("boom")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
-    # a failure after the old directory was swapped out puts it back
+    assert (out / "model.json").read_text() == "old"
+    # a failure in the middle of the swap moves everything back
     real_replace = os.replace
 
     def failing_replace(src, dst):
-        if str(src).endswith(".tmp"):
+        if str(src).endswith("weights.bin"):
             raise OSError("disk full")
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"), atomic_dir(out) as tmp:
-        (tmp / "new.txt").write_text("new")
+    with pytest.raises(OSError, match="disk full"), replace_entries(out, OWNED, commit="model.json") as tmp:
+        (tmp / "model.json").write_text("new")
+        (tmp / "weights.bin").write_text("new weights")
     monkeypatch.undo()
-    assert (out / "old.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.json"] and (out / "model.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(EncoderlabError, match="is a file"), atomic_dir(tmp_path / "file"):
+    with pytest.raises(EncoderlabError, match="is a file"), replace_entries(tmp_path / "file", OWNED, commit="a"):
         pass

@@ -1,17 +1,19 @@
 """Atomic file and directory writes: write to a temporary sibling, fsync, then rename over the target.
 
 A reader (or a run resumed after kill -9) sees either the old file or the complete new one, never a partial write.
-``atomic_dir`` does the same for a whole directory (a saved model), swapping the previous one out.
+``replace_entries`` does the same for a saved model's own files inside a directory, keeping everything else a user
+put there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -53,39 +55,76 @@ def process_umask() -> int:
     return _UMASK
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory to fill; on success it replaces ``path`` atomically.
+ASIDE_SUFFIX = ".old"  # previous entries moved aside by ``replace_entries``, removed once the swap is done
 
-    The directory gets the mode of any new directory (from the umask; ``mkdtemp`` alone makes it 0700). A previous
-    directory at ``path`` is swapped out, then removed; if the body or the swap fails, the temporary directory is
-    removed and the previous one is left (or put back) at ``path``.
+
+@contextlib.contextmanager
+def replace_entries(path: str | os.PathLike, owned: Collection[str], *, commit: str) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success its entries replace the ``owned`` entries of ``path``.
+
+    Entries of ``path`` that are not ``owned`` (a user's notes, a run they wrote there) are kept as they are; owned
+    entries the new content lacks are removed (they belonged to the previous content). ``commit`` is the entry
+    whose presence makes ``path`` count as complete (a model's config): it is moved out first and in last.
+
+    Each entry moves with one ``os.replace`` (same filesystem, so nothing is copied). The crash window is the few
+    renames between moving the previous ``commit`` aside and moving the new one in: a process killed there leaves
+    ``path`` without ``commit``, so it never loads as a mix of previous and new entries; the previous entries are
+    in the sibling ``.NAME.*.old`` (see ``interrupted_saves``; those not moved yet are still in ``path``), so moving
+    them back restores it. An exception in that window (or in the body) moves everything back itself.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise EncoderlabError(f"output path {str(out)!r} is a file", "pass a directory path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    old: Path | None = None
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
-        if out.is_dir():
-            # Renaming a directory onto an empty one is allowed (POSIX), so a fresh empty sibling is the swap target.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
+        new = sorted(p.name for p in tmp.iterdir())
+        foreign = [n for n in new if n not in owned]
+        if foreign or commit not in new:  # a caller's bug, not a user error
+            raise ValueError(f"replace_entries: {foreign} are not owned entries, or {commit!r} was not written")
+        if not out.exists():
+            os.replace(tmp, out)  # a new directory: one rename, nothing to keep
+        else:
+            _swap_entries(out, tmp, [n for n in new if n != commit] + [commit], owned, commit)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)  # put the previous directory back
-            old = None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
+
+
+def _swap_entries(out: Path, new_dir: Path, new: list[str], owned: Collection[str], commit: str) -> None:
+    """Move the owned entries of ``out`` aside (``commit`` first), then ``new`` in (``commit`` last); undo on error."""
+    previous = [n for n in owned if os.path.lexists(out / n)]
+    previous.sort(key=lambda n: n != commit)  # the commit entry leaves first
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=ASIDE_SUFFIX, dir=out.parent))
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in previous:
+            os.replace(out / name, aside / name)
+            moved_out.append(name)
+        for name in new:
+            os.replace(new_dir / name, out / name)
+            moved_in.append(name)
+    except BaseException:
+        # Undo in reverse: the new commit entry (if it got in) leaves first, the previous one comes back last.
+        for name in reversed(moved_in):
+            os.replace(out / name, new_dir / name)
+        for name in reversed(moved_out):
+            os.replace(aside / name, out / name)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(out)
+
+
+def interrupted_saves(path: str | os.PathLike) -> list[Path]:
+    """Sibling directories a killed ``replace_entries`` left behind for ``path``, holding previous entries."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.glob(f".{glob.escape(out.name)}.*{ASIDE_SUFFIX}") if p.is_dir())
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -48,7 +48,12 @@ def load_local(target: str, *, device: torch.device, precision: str) -> Encoder:
         raise EncoderlabError(f"local model directory {str(path)!r} does not exist", "pass a directory path")
     own = path / "encoderlab.json"
     if own.exists():
-        kind = json.loads(own.read_text()).get("kind")
+        try:
+            kind = json.loads(own.read_text()).get("kind")
+        except (OSError, ValueError, AttributeError) as e:
+            raise EncoderlabError(f"{own} is truncated or damaged ({e})",
+                                  "save or copy the model directory again (align --force retrains an aligned model)"
+                                  ) from e
         if not isinstance(kind, str) or kind not in LOCAL_KINDS:
             raise EncoderlabError(
                 f"{own} names model kind {kind!r}, which this encoderlab does not know",
@@ -59,6 +64,15 @@ def load_local(target: str, *, device: torch.device, precision: str) -> Encoder:
         from .hf import load_hf
 
         return load_hf(str(path), device=device, precision=precision)
+    from ..atomic import interrupted_saves
+
+    left = interrupted_saves(path)
+    if left:  # a save killed mid-swap (atomic.replace_entries): the previous model's files are next to it
+        raise EncoderlabError(
+            f"{str(path)!r} holds no encoderlab.json: a save into it was interrupted, and the previous model's "
+            f"files are in {str(left[-1])!r}",
+            f"move the files of {str(left[-1])!r} back into {str(path)!r}, or train the model again",
+        )
     raise EncoderlabError(
         f"{str(path)!r} holds neither encoderlab.json nor a transformers config.json",
         "point local: at a directory saved by encoderlab or by transformers' save_pretrained",

@@ -33,6 +33,8 @@ from ..encoders.aligned import (
     FORMAT_VERSION,
     HEAD_KINDS,
     KIND,
+    REQUEST_NAME,
+    TRAINING_ITEMS_NAME,
     build_head,
     check_output_dir,
     is_aligned_dir,
@@ -42,10 +44,10 @@ from ..encoders.aligned import (
     save_aligned,
     tower_fingerprint,
 )
-from ..encoders.base import Encoder, select_device
+from ..encoders.base import Encoder, TrainingItems, select_device
 from ..errors import EncoderlabError, close_matches
 from ..extract.embeddings import caption_pairs, image_embeddings, text_embeddings
-from ..hashing import json_digest
+from ..hashing import json_digest, text_key
 from ..metrics.retrieval import retrieval_metrics
 from ..store import EmbeddingStore
 from .loop import FitResult, LoopSettings, decay_groups, fit
@@ -55,7 +57,6 @@ from .schedule import check_schedule
 INIT_LOGIT_SCALE = 1 / 0.07  # CLIP's initial temperature
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp: a sharper softmax only destabilizes training
 VAL_METRIC = "mean of i2t_R@1 and t2i_R@1"
-REQUEST_NAME = "request.json"  # digest of what the saved model was trained from (see ``request_digest``)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,12 @@ class PairFeatures:
     img_ids: np.ndarray  # content id of each image position
     rows: int  # dataset rows
     skipped: int  # rows whose image could not be used
+    image_keys: list[str] = field(default_factory=list)  # store content key of each image position
+    text_keys: list[str] = field(default_factory=list)  # ``text_key`` of each caption
+
+    def keys(self) -> dict[str, frozenset[str]]:
+        """The content keys this split contributed, by modality (what ``TrainingItems`` records)."""
+        return {"image": frozenset(self.image_keys), "text": frozenset(self.text_keys)}
 
 
 @dataclass
@@ -169,7 +176,8 @@ def pair_features(
     images, texts = torch.from_numpy(emb.X), torch.from_numpy(T)
     if input_normalize:
         images, texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
-    return PairFeatures(images, texts, pair_img, pair_txt, img_ids, len(ds), len(ds) - len(emb.rows))
+    return PairFeatures(images, texts, pair_img, pair_txt, img_ids, len(ds), len(ds) - len(emb.rows),
+                        image_keys=[str(k) for k in keys], text_keys=[text_key(c) for c in captions])
 
 
 def _project(heads: dict[str, torch.nn.Module], feats: PairFeatures, device: torch.device) -> tuple[np.ndarray, ...]:
@@ -248,7 +256,9 @@ def align_encoders(
     config_json = _model_config(vision, text, towers, out, cfg, best_scale, tr, va, train, val, hyper)
     tensors = {f"{m}.{k}": v for m, h in model.heads.items() for k, v in h.state_dict().items()}
     tensors["logit_scale"] = torch.tensor(best_scale)
-    save_aligned(out, config_json, tensors, extra_json={REQUEST_NAME: {"digest": request}})
+    # What the heads were fit on (train) and selected on (val), so evaluations can spot items the model has seen.
+    items = TrainingItems(train=tr.keys(), val=va.keys(), source=train.source or val.source or "")
+    save_aligned(out, config_json, tensors, extra_json={REQUEST_NAME: {"digest": request}}, training_items=items)
     return AlignResult(
         path=out, best_epoch=fitted.best_epoch, epochs_run=len(fitted.history), val_metrics=val_metrics,
         history=fitted.history, fit_seconds=fit_seconds, feature_seconds=feature_seconds, logit_scale=best_scale,
@@ -340,9 +350,13 @@ def request_digest(towers: dict[str, Encoder], train: Dataset, val: Dataset, cfg
 
 
 def is_up_to_date(out_dir: str | os.PathLike, request: str) -> bool:
-    """True when ``out_dir`` holds an aligned model whose recorded request digest is ``request``."""
+    """True when ``out_dir`` holds an aligned model whose recorded request digest is ``request``.
+
+    A model saved before training items were recorded is not up to date: retraining (seconds, on cached features)
+    gives it the record evaluations use to warn about items it was trained on.
+    """
     stamp = Path(out_dir) / REQUEST_NAME
-    if not (is_aligned_dir(out_dir) and stamp.is_file()):
+    if not (is_aligned_dir(out_dir) and stamp.is_file() and (Path(out_dir) / TRAINING_ITEMS_NAME).is_file()):
         return False
     try:
         return json.loads(stamp.read_text()).get("digest") == request
