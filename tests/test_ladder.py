@@ -210,8 +210,8 @@ def test_cli_align_then_use_everywhere(tmp_path, capsys, tiny_vit_dir, tiny_bert
     data = f"jsonl:{path}?image=image&text=text&label=label&split=split"
     model = tmp_path / "aligned"
     common = ["--data", data, "--store", str(tmp_path / "store"), "--n-boot", "100"]
-    align = ["align", "--vision", f"hf-vision:{tiny_vit_dir}", "--text", f"hf-text:{tiny_bert_dir}", "--out", str(model),
-             "--dim", "8", "--epochs", "3", *common, "--json"]
+    align = ["align", "--vision", f"hf-vision:{tiny_vit_dir}", "--text", f"hf-text:{tiny_bert_dir}", "--out",
+             str(model), "--dim", "8", "--epochs", "3", *common, "--json"]
 
     def run(argv: list[str]) -> dict:
         code = main(argv)
@@ -233,5 +233,11 @@ def test_cli_align_then_use_everywhere(tmp_path, capsys, tiny_vit_dir, tiny_bert
                *common, "--json"])
     features = {r["rung"]: r["features"] for r in cmp["table"]}
     assert features == {"zeroshot": "joint", "knn": "tower", "linear": "tower", "tip": "joint"}
+    # held-out test items are new to the model; its own training split is not, and every result says so
+    assert not any(n.startswith("warning:") for n in cmp["config"]["notes"])
+    on_train = run(["retrieval", "--encoder", f"local:{model}", "--split", "train", *common, "--json"])
+    assert on_train["data"]["seen_in_training"]["image"]["items"] == 24 == on_train["metrics"]["images"]
+    assert any(n.startswith("warning: 24 of 24 train images were used to train or select")
+               for n in on_train["config"]["notes"])
     assert main(["align", "--vision", "efficientnet-lite", "--text", "minilm-l6", "--out", str(model), *common]) == 1
     assert "did you mean efficientnet-lite0" in capsys.readouterr().err
