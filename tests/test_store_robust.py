@@ -448,7 +448,7 @@ def test_remove_space_refuses_an_unknown_fingerprint(tmp_path):
         store.remove_space("aaaa")  # the library takes exact fingerprints; prefixes go through resolve()
 
 
-def test_index_module_still_exports_load_cache(cached_space):
+def test_load_cache_reads_a_good_cache_and_none_without_one(cached_space):
     sp, _ = cached_space
     assert index_mod.load_cache(sp.index_dir, set(shards_mod.list_shard_files(sp.shards_dir)[0])) is not None
     shutil.rmtree(sp.index_dir)
