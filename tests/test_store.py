@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import encoderlab.store.embedding_store as es_mod
 import encoderlab.store.key_index as index_mod
+import encoderlab.store.space as space_mod
 from encoderlab.errors import CorruptStoreError, EncoderlabError
 from encoderlab.store import EmbeddingSpace, EmbeddingStore, MissingEmbeddingsError, ShardRecord
 from encoderlab.store import shards as shards_mod
@@ -382,7 +382,7 @@ def test_a_verified_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
     calls = []
     real = shards_mod.file_checksum
     monkeypatch.setattr(shards_mod, "file_checksum", lambda p: calls.append(p) or real(p))
-    monkeypatch.setattr(es_mod, "OPEN_SHARDS", 1)  # force re-opening the maps
+    monkeypatch.setattr(space_mod, "OPEN_SHARDS", 1)  # force re-opening the maps
     sp = reopen(sp)
     for _ in range(3):
         sp.get(keys[::3])
@@ -460,7 +460,7 @@ def test_get_matches_a_dict_oracle(tmp_path, monkeypatch, collide):
     if collide:  # every key in one of 3 hash buckets: the full-key comparison must still find the right row
         real = index_mod.key_hash
         monkeypatch.setattr(index_mod, "key_hash", lambda k: real(k) % np.uint64(3))
-    monkeypatch.setattr(es_mod, "PERSIST_MIN_ROWS", 150)  # exercise the on-disk index cache too
+    monkeypatch.setattr(space_mod, "PERSIST_MIN_ROWS", 150)  # exercise the on-disk index cache too
     rng = np.random.default_rng(1)
     universe = ckeys("i", 300) + ckeys("t", 100) + ["short", "a much longer key with spaces and é"]
     sp = new_space(tmp_path)
@@ -483,7 +483,7 @@ def test_get_matches_a_dict_oracle(tmp_path, monkeypatch, collide):
 
 
 def test_index_cache_is_used_and_dropped_when_a_shard_goes(tmp_path, monkeypatch):
-    monkeypatch.setattr(es_mod, "PERSIST_MIN_ROWS", 10)
+    monkeypatch.setattr(space_mod, "PERSIST_MIN_ROWS", 10)
     sp = new_space(tmp_path)
     keys = ckeys("i", 60)
     with sp.writer(shard_size=20) as w:

@@ -16,6 +16,7 @@ import pytest
 
 import encoderlab.store.embedding_store as es_mod
 import encoderlab.store.key_index as index_mod
+import encoderlab.store.space as space_mod
 from encoderlab.cli import main
 from encoderlab.errors import EncoderlabError
 from encoderlab.store import EmbeddingSpace, EmbeddingStore
@@ -54,7 +55,7 @@ def run(capsys, argv: list[str]) -> tuple[int, str, str]:
 @pytest.fixture
 def cached_space(tmp_path, monkeypatch) -> tuple[EmbeddingSpace, list[str]]:
     """A space of 300 keys in 3 shards whose consolidated index is cached on disk."""
-    monkeypatch.setattr(es_mod, "PERSIST_MIN_ROWS", 10)
+    monkeypatch.setattr(space_mod, "PERSIST_MIN_ROWS", 10)
     sp = EmbeddingStore(tmp_path / "store").space("f00d")
     keys = ckeys("i", 300)
     with sp.writer(shard_size=100) as w:

@@ -1,9 +1,10 @@
-"""Embedding store: content-keyed, sharded, resumable, memory-mapped (see ``embedding_store``)."""
+"""Embedding store: content-keyed, sharded, resumable, memory-mapped (layout in ``embedding_store``, one space in ``space``)."""
 
 from .compact import COMPACT_MIN_ROWS
-from .embedding_store import EmbeddingSpace, EmbeddingStore, MissingEmbeddingsError, ShardRemovedError, ShardWriter
+from .embedding_store import EmbeddingStore
 from .shards import ShardRecord
-from .writer import COMMIT_SECONDS, COMMIT_SECONDS_ENV
+from .space import EmbeddingSpace, MissingEmbeddingsError, ShardRemovedError
+from .writer import COMMIT_SECONDS, COMMIT_SECONDS_ENV, ShardWriter
 
 __all__ = [
     "COMMIT_SECONDS",

@@ -39,7 +39,7 @@ from .key_index import KeyIndex
 from .shards import ShardRecord
 
 if TYPE_CHECKING:
-    from .embedding_store import EmbeddingSpace
+    from .space import EmbeddingSpace
 
 COMPACT_MIN_ROWS = 4096  # the writer's default shard_size: shards shorter than a full one are merged
 LOCK_NAME = "compact.lock"

@@ -22,7 +22,7 @@ from .key_index import encode_query, widen
 from .shards import ShardRecord
 
 if TYPE_CHECKING:
-    from .embedding_store import EmbeddingSpace
+    from .space import EmbeddingSpace
 
 # Buffered rows are committed once the oldest of them is this old (checked when a batch is added): a killed
 # extraction loses at most this much work plus one batch. 30 s of rows is a shard of a few hundred to a few
