@@ -1,4 +1,4 @@
-"""Embedding store: content-keyed, sharded, resumable, memory-mapped (layout in ``embedding_store``, one space in ``space``)."""
+"""Embedding store: content-keyed, sharded, resumable, memory-mapped (layout: ``embedding_store``; a space: ``space``)."""
 
 from .compact import COMPACT_MIN_ROWS
 from .embedding_store import EmbeddingStore
