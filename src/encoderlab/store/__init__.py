@@ -1,4 +1,4 @@
-"""Embedding store: content-keyed, sharded, resumable, memory-mapped (layout: ``embedding_store``; a space: ``space``)."""
+"""Embedding store: content-keyed, sharded, resumable, memory-mapped (layout in ``embedding_store``)."""
 
 from .compact import COMPACT_MIN_ROWS
 from .embedding_store import EmbeddingStore
