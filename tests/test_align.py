@@ -27,6 +27,7 @@ from encoderlab.train import (
     contrastive_targets,
     evaluate_retrieval,
     lr_at,
+    sigmoid_loss,
     symmetric_infonce,
 )
 
@@ -58,6 +59,34 @@ def test_symmetric_infonce_equals_naive_clip_loss():
     torch.testing.assert_close(symmetric_infonce(img, txt, torch.tensor(14.3), torch.eye(7, dtype=torch.bool)), want)
     torch.testing.assert_close(symmetric_infonce(img, txt, 14.3, contrastive_targets(torch.arange(7), torch.arange(7))),
                                want)
+
+
+def naive_sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, t: float, b: float, pos: torch.Tensor) -> float:
+    """SigLIP's loss one pair at a time: -1/|B| sum_ij log(1 / (1 + exp(-z_ij (t x_i.y_j + b))))."""
+    img, txt = img / img.norm(dim=1, keepdim=True), txt / txt.norm(dim=1, keepdim=True)
+    total = 0.0
+    for i in range(len(img)):
+        for j in range(len(txt)):
+            z = 1.0 if pos[i, j] else -1.0
+            total += -math.log(1.0 / (1.0 + math.exp(-z * (t * float(img[i] @ txt[j]) + b))))
+    return total / len(img)
+
+
+def test_sigmoid_loss_equals_the_pairwise_sum_of_the_paper():
+    g = torch.Generator().manual_seed(2)
+    img, txt = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    eye = torch.eye(6, dtype=torch.bool)
+    assert sigmoid_loss(img, txt, 10.0, -10.0).item() == pytest.approx(naive_sigmoid_loss(img, txt, 10.0, -10.0, eye))
+    # multi-positive: pairs sharing an image or a caption are positives, as for symmetric_infonce
+    targets = contrastive_targets(torch.tensor([0, 1, 1, 2, 3, 4]), torch.tensor([0, 1, 2, 1, 3, 3]))
+    want = naive_sigmoid_loss(img, txt, 3.0, 0.5, targets > 0)
+    scale, bias = torch.tensor(3.0, requires_grad=True), torch.tensor(0.5, requires_grad=True)
+    got = sigmoid_loss(img, txt, scale, bias, targets)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    got.backward()
+    assert bias.grad is not None and scale.grad is not None  # both are learned in SigLIP
+    with pytest.raises(ValueError, match=r"positives must be \[6, 6\]"):
+        sigmoid_loss(img, txt, 1.0, 0.0, torch.eye(5))
 
 
 def test_positives_mask_covers_shared_images_and_captions():
@@ -175,6 +204,109 @@ def test_history_and_saved_config(trained):
     assert (Path(trained.path) / "heads.safetensors").is_file()
     assert not [p for p in Path(trained.path).parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
     assert set(trained.summary()) >= {"path", "best_epoch", "epochs_run", "val", "fit_seconds", "feature_seconds"}
+
+
+def test_a_run_interrupted_mid_training_resumes_to_the_same_heads(tiny, tmp_path, trained, monkeypatch):
+    import encoderlab.train.align as align_module
+
+    out, real = tmp_path / "m", align_module.retrieval_metrics
+    calls: list[int] = []
+
+    def failing(*args, **kwargs):  # the 4th validation (epoch 4) fails, as a kill would
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(align_module, "retrieval_metrics", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, out, checkpoint_every=2)
+    monkeypatch.setattr(align_module, "retrieval_metrics", real)
+    work = tmp_path / ".m.train"
+    assert (work / "checkpoint.pt").is_file() and not out.exists()  # checkpoints beside the model dir, not in it
+    resumed = run(tiny, out)
+    assert resumed.resumed_at == 10  # 22 pairs in 3 batches an epoch: step 10 is 1 batch into epoch 4
+    assert not work.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    for m in ("image", "text"):
+        for a, b in zip(trained.heads[m].state_dict().values(), resumed.heads[m].state_dict().values()):
+            assert torch.equal(a, b)
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in trained.history]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history] == strip
+    assert resumed.val_metrics == trained.val_metrics and resumed.logit_scale == trained.logit_scale
+
+
+def test_a_checkpoint_of_other_settings_is_refused_before_feature_extraction(tiny, tmp_path, monkeypatch):
+    import encoderlab.train.align as align_module
+
+    real, calls = align_module.retrieval_metrics, []
+
+    def failing(*args, **kwargs):  # epoch 2's validation fails: epoch 1's checkpoint is there
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(align_module, "retrieval_metrics", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, tmp_path / "m", epochs=3)
+    monkeypatch.undo()
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were extracted before the settings check")
+
+    monkeypatch.setattr(align_module, "pair_features", no_features)
+    with pytest.raises(EncoderlabError, match=r"different settings \(checkpoint vs this run: dim 8 vs 4, "
+                                              r"lr 0.001 vs 0.0005\) \(pass a new --out or --no-resume"):
+        run(tiny, tmp_path / "m", epochs=3, lr=5e-4, dim=4)
+    monkeypatch.undo()
+    fresh = run(tiny, tmp_path / "m", epochs=3, lr=5e-4, resume=False)
+    assert fresh.resumed_at == 0 and not (tmp_path / ".m.train").exists()
+
+
+def test_cli_checkpoint_every_and_no_resume(tmp_path, monkeypatch, capsys):
+    import encoderlab.train.align as align_module
+    from encoderlab.cli import main
+    from encoderlab.testing import color_dataset, color_spec, registered_color_encoder
+
+    def align(out: str, *extra: str) -> int:
+        return main(["align", "--vision", "test-color", "--text", "test-color", "--data", spec, "--out",
+                     str(tmp_path / out), "--store", str(tmp_path / "store"), "--dim", "3", "--epochs", "4",
+                     "--batch-size", "4", "--no-eval", "--no-progress", "--json", *extra])
+
+    real, calls = align_module.retrieval_metrics, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise EncoderlabError("simulated failure in epoch 2")
+        return real(*args, **kwargs)
+
+    with registered_color_encoder():
+        spec = color_spec(color_dataset(tmp_path / "colors"))
+        assert align("ref") == 0
+        monkeypatch.setattr(align_module, "retrieval_metrics", failing)
+        assert align("m", "--checkpoint-every", "5") == 1
+        monkeypatch.undo()
+        saved = torch.load(tmp_path / ".m.train" / "checkpoint.pt", weights_only=True)
+        # 48 pairs, 12 batches an epoch: the last checkpoint is step 20, 8 batches into epoch 2
+        assert (saved["run"]["epoch"], saved["run"]["position"], saved["optimizer"]["steps"]) == (2, 8, 20)
+        capsys.readouterr()
+        assert align("m", "--lr", "0.01") == 1
+        assert "lr 0.001 vs 0.01" in json.loads(capsys.readouterr().out)["error"]
+        assert align("m") == 0
+        assert json.loads(capsys.readouterr().out)["resumed_at"] == 20
+        from safetensors.torch import load_file
+
+        got, want = (load_file(tmp_path / d / "heads.safetensors") for d in ("m", "ref"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        monkeypatch.setattr(align_module, "retrieval_metrics", failing)
+        calls.clear()
+        assert align("n", "--checkpoint-every", "5") == 1
+        monkeypatch.undo()
+        capsys.readouterr()
+        assert align("n", "--lr", "0.01", "--no-resume") == 0
+        assert json.loads(capsys.readouterr().out)["resumed_at"] == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_temperature_is_clamped_at_100(tiny, tmp_path, monkeypatch):
@@ -425,8 +557,15 @@ def test_a_failure_in_the_middle_of_the_swap_leaves_the_old_model(tiny, tmp_path
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # everything back
     assert (out / "eval" / "results.json").is_file() and (out / "my-run" / "results.json").is_file()
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # only the finished training's work directory is left: the retry saves it without training again
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".m.train"]
     assert create_encoder(f"local:{out}", device="cpu").config["train"]["epochs_run"] == 2
+    import encoderlab.train.align as align_module
+
+    monkeypatch.setattr(align_module, "symmetric_infonce", None)  # a training step would fail
+    assert run(tiny, out, epochs=3).epochs_run == 3
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert create_encoder(f"local:{out}", device="cpu").config["train"]["epochs_run"] == 3
 
 
 def test_every_state_of_the_swap_loads_as_the_old_or_the_new_model(tiny, tmp_path, monkeypatch):

@@ -144,7 +144,7 @@ def test_retrieval_and_zeroshot_need_dual_encoder(color_data, store, tiny_vit_di
     with pytest.raises(EncoderlabError, match="dual encoder"):
         run_zeroshot(enc, prep, store)
     comp = run_comparison(enc, color_data, store, shots=[1], seeds=2, n_boot=50, progress=False)
-    assert set(comp.results) == {"knn", "linear"} and set(comp.skipped) == {"zeroshot", "tip", "retrieval"}
+    assert set(comp.results) == {"knn", "linear"} and set(comp.skipped) == {"zeroshot", "tip", "clap", "retrieval"}
 
 
 def test_unknown_split_is_named(color_data, store):
@@ -160,7 +160,7 @@ def test_tiny_real_adapters_run_every_rung(tmp_path, color_data, store, tiny_cli
     enc = create_encoder(f"hf:{path}", device="cpu")
     comp = run_comparison(enc, color_data, store, shots=[1], seeds=2, n_boot=50, progress=False,
                           templates="simple", out_dir=tmp_path / "cmp")
-    assert set(comp.results) == {"zeroshot", "knn", "linear", "tip", "retrieval"}
+    assert set(comp.results) == {"zeroshot", "knn", "linear", "tip", "clap", "retrieval"}
     assert comp.results["zeroshot"].config["score_kind"] == ("softmax" if model == "clip" else "sigmoid")
     for name in comp.results:
         res = json.loads((tmp_path / "cmp" / name / "results.json").read_text())
@@ -193,7 +193,7 @@ def test_cli_zeroshot_probe_retrieval_compare(tmp_path, capsys):
     rt = run(["retrieval", "--out", str(tmp_path / "rt")])
     assert rt["primary"] == "i2t_R@1" and "t2i_mrr_ci_low" in rt["metrics"]
     cmp = run(["compare", "--shots", "1", "--seeds", "2", "--templates", "name", "--out", str(tmp_path / "cmp")])
-    assert {r["rung"] for r in cmp["table"]} == {"zeroshot", "knn", "linear", "tip"}
+    assert {r["rung"] for r in cmp["table"]} == {"zeroshot", "knn", "linear", "tip", "clap"}
     assert (tmp_path / "cmp" / "results.json").exists()
     # human output is a table, and a mistake is one line with the fix
     assert main(["compare", *common, "--shots", "1", "--seeds", "2", "--templates", "name"]) == 0
@@ -232,7 +232,7 @@ def test_cli_align_then_use_everywhere(tmp_path, capsys, tiny_vit_dir, tiny_bert
     cmp = run(["compare", "--encoder", f"local:{model}", "--shots", "1", "--seeds", "2", "--templates", "name",
                *common, "--json"])
     features = {r["rung"]: r["features"] for r in cmp["table"]}
-    assert features == {"zeroshot": "joint", "knn": "tower", "linear": "tower", "tip": "joint"}
+    assert features == {"zeroshot": "joint", "knn": "tower", "linear": "tower", "tip": "joint", "clap": "joint"}
     # held-out test items are new to the model; its own training split is not, and every result says so
     assert not any(n.startswith("warning:") for n in cmp["config"]["notes"])
     on_train = run(["retrieval", "--encoder", f"local:{model}", "--split", "train", *common, "--json"])

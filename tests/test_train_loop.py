@@ -1,11 +1,12 @@
-"""The shared training loop: schedule, early stopping with the best state, decay groups, clipping; model-directory
-writes (``atomic.replace_entries``)."""
+"""The shared training loop: schedule, early stopping with the best state, decay groups, clipping, gradient
+accumulation, precision, the progress bar; model-directory writes (``atomic.replace_entries``)."""
 
 from __future__ import annotations
 
 import math
 import os
 import stat
+import warnings
 
 import pytest
 import torch
@@ -92,12 +93,16 @@ def test_decay_groups_exclude_biases_norms_and_the_temperature():
             self.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
             self.frozen = torch.nn.Linear(3, 3, bias=False).requires_grad_(False)
             self.norm_proj = torch.nn.Parameter(torch.ones(3, 3))  # 2-D, but its name says norm
+            self.prompt_learner = torch.nn.Module()
+            self.prompt_learner.ctx = torch.nn.Parameter(torch.zeros(4, 3))  # CoOp's learned context: no decay
 
     groups = decay_groups(Net().named_parameters(), 0.1)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert groups[0]["names"] == ["proj.weight"]
-    assert sorted(groups[1]["names"]) == ["logit_scale", "norm.bias", "norm.weight", "norm_proj", "proj.bias"]
-    assert decay_groups(Net().named_parameters(), 0.1, no_decay=())[0]["names"] == ["norm_proj", "proj.weight"]
+    assert sorted(groups[1]["names"]) == ["logit_scale", "norm.bias", "norm.weight", "norm_proj", "proj.bias",
+                                          "prompt_learner.ctx"]
+    assert decay_groups(Net().named_parameters(), 0.1, no_decay=())[0]["names"] == ["norm_proj", "proj.weight",
+                                                                                    "prompt_learner.ctx"]
     torch.optim.AdamW(groups, lr=1e-3)  # the extra "names" key is accepted by the optimizer
 
 
@@ -119,6 +124,68 @@ def test_clipping_bounds_the_gradient_norm():
 
     assert grad_norm_after_one_step(None) == pytest.approx(4000.0)
     assert grad_norm_after_one_step(1.0) == pytest.approx(1.0, rel=1e-5)
+
+
+def regression_fit(batch_size: int, accumulate: int, epochs: int = 3, **kw):
+    """A linear regression on fixed data; mean-squared loss per batch."""
+    torch.manual_seed(0)
+    X, y = torch.randn(48, 5), torch.randn(48, 1)
+    model = torch.nn.Linear(5, 1)
+    grads: list[torch.Tensor] = []
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        return ((model(X[idx]) - y[idx]) ** 2).mean()
+
+    settings = LoopSettings(epochs=epochs, batch_size=batch_size, lr=0.05, patience=epochs, warmup_steps=10,
+                            accumulate=accumulate, **kw)
+    result = fit(model, step, 48, decay_groups(model.named_parameters(), 0.0), lambda: (0.0, {}), settings,
+                 after_step=lambda: grads.append(model.weight.grad.clone()))
+    model.grads = grads  # the gradient each optimizer step used
+    return model, result
+
+
+def test_accumulating_two_batches_equals_one_batch_of_twice_the_size():
+    # 48 items: 6 batches of 8 accumulated by 2 visit the same 16 items per step as 3 batches of 16 (same order)
+    big, one = regression_fit(16, 1)
+    small, acc = regression_fit(8, 2)
+    assert acc.total_steps == one.total_steps == 9 and acc.warmup_steps == 0  # the schedule counts optimizer steps
+    assert len(small.grads) == 9
+    torch.testing.assert_close(small.grads[0], big.grads[0])  # the mean over 16 items, not the sum of two means
+    torch.testing.assert_close(small.weight, big.weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(small.bias, big.bias, rtol=1e-6, atol=1e-6)
+    unaccumulated, plain = regression_fit(8, 1)
+    assert plain.total_steps == 18 and not torch.allclose(unaccumulated.weight, big.weight, atol=1e-4)
+
+
+def test_a_short_last_group_still_steps_on_its_mean():
+    # 7 batches a group of 3: steps after batches 3, 6 and 7, each on the mean of its group's losses
+    _, r = regression_fit(7, 3, epochs=2)  # 48 items in 7 batches
+    assert r.total_steps == 2 * 3
+    with pytest.raises(EncoderlabError, match="accumulate must be a positive integer, got 0"):
+        regression_fit(8, 0)
+
+
+def test_precision_is_fp32_on_cpu_and_checked():
+    _, r = regression_fit(16, 1, precision="auto", epochs=1)
+    assert r.precision == "fp32"
+    with pytest.warns(UserWarning, match="precision bf16 is for CUDA; training on cpu runs in fp32"):
+        _, r = regression_fit(16, 1, precision="bf16", epochs=1)
+    assert r.precision == "fp32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        regression_fit(16, 1, precision="fp32", epochs=1)
+    with pytest.raises(EncoderlabError, match="unknown precision 'half'.*auto, fp32, bf16, fp16"):
+        regression_fit(16, 1, precision="half")
+
+
+def test_progress_bar_shows_epoch_loss_val_and_eta(capsys):
+    model = Scripted()
+    settings = LoopSettings(epochs=2, batch_size=4, lr=0.1, patience=2)
+    fit(model, lambda idx: ((model.w - 1.0) ** 2).sum(), 8, decay_groups(model.named_parameters(), 0.0),
+        lambda: (0.25, {}), settings, progress=True, desc="demo")
+    err = capsys.readouterr().err
+    assert "demo" in err and "epoch=2/2" in err and "loss=" in err and "val=0.250" in err and "best=1" in err
+    assert "4/4" in err and "<" in err  # batches done of all, elapsed<remaining (the ETA)
 
 
 # ---- replace_entries: the one writer of model directories ------------------------------------------------

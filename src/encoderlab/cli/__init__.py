@@ -22,10 +22,10 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import EncoderlabError
-from . import align, data, embed, encoders, rungs, store
+from . import align, coop, data, embed, encoders, rungs, store
 from .options import FORMATTER, examples, remove_unused_run_dir
 
-COMMAND_GROUPS = (encoders, data, store, embed, rungs, align)
+COMMAND_GROUPS = (encoders, data, store, embed, rungs, align, coop)
 
 #: ``--help`` examples of the parsers that only group subcommands (registered in their modules without any)
 GROUP_EXAMPLES = {

@@ -49,6 +49,11 @@ def register(sub: Any) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the held-out test retrieval after training")
     p.add_argument("--force", action="store_true",
                    help="train even when MODEL_DIR already holds a model of the same towers, data and settings")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="STEPS",
+                   help="also checkpoint every STEPS optimizer steps, not only after each epoch (checkpoints go to "
+                        "the sibling .MODEL_DIR.train/ and are removed once the model is saved)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over instead of resuming the interrupted run's checkpoint")
     add_run_options(p, needs_encoder=False)
     p.set_defaults(func=cmd_align)
 
@@ -71,7 +76,7 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     result = align_encoders(args.vision, args.text, ds.select_split("train"), ds.select_split("val"), model_dir,
                             store=store, head=args.head, dim=args.dim, seed=args.seed, shuffle_pairs=args.shuffle_pairs,
                             reuse=not args.force, progress=show, device=args.device, precision=args.precision,
-                            **options)
+                            resume=not args.no_resume, checkpoint_every=args.checkpoint_every, **options)
     out: dict[str, Any] = {"model_dir": str(result.path), "spec": f"local:{result.path}",
                            "up_to_date": result.up_to_date}
     if result.up_to_date:  # same towers, same split, same settings: training again would give the same heads

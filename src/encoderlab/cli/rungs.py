@@ -39,6 +39,14 @@ from .options import (
 
 #: zeroshot and retrieval read --split alike
 SPLIT_HELP = "split to report on, or 'all' for every item (default: %(default)s)"
+#: probe and compare read --selection alike
+SELECTION_HELP = ("how head rungs choose their knobs: 'val' on the validation split (few-shot: min(k, 4) per class "
+                  "of it), or 'fixed' with their papers' defaults and no validation data at all (default: "
+                  "%(default)s)")
+
+
+def add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--selection", choices=["val", "fixed"], default="val", help=SELECTION_HELP)
 
 
 def register(sub: Any) -> None:
@@ -77,6 +85,7 @@ def register(sub: Any) -> None:
     p.add_argument("--seeds", type=positive_int, default=3,
                    help="k-shot samples per setting, >= 1; mean ± std over them (default: %(default)s)")
     p.add_argument("--no-full", action="store_true", help="skip the full-data fit (few-shot only)")
+    add_selection(p)
     p.add_argument("--class-weight", choices=["balanced"], default=None,
                    help="linear probe: weight classes inversely to their frequency")
     p.add_argument("--modality", choices=["image", "text"], default=None,
@@ -109,6 +118,7 @@ def register(sub: Any) -> None:
     p.add_argument("--probe-features", choices=["auto", "joint", "tower"], default="auto",
                    help="features kNN and the linear probe read; auto: the image tower's own features when the "
                         "encoder is an aligned pair (the projection can only lose information), else the embedding")
+    add_selection(p)
     add_prompt_options(p)
     add_run_options(p)
     p.set_defaults(func=cmd_compare)
@@ -175,9 +185,10 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
     emb = labelled_embeddings(encoder, ds, store, modality=args.modality, progress=progress(args))
     result = run_probe(encoder, emb, store, method=args.method, shots=shots, seeds=args.seeds,
                        full=not args.no_full, class_weight=args.class_weight, templates=args.templates,
-                       class_names=class_names(args), n_boot=args.n_boot, seed=args.seed)
+                       class_names=class_names(args), n_boot=args.n_boot, seed=args.seed, selection=args.selection)
     out = _finish(args, result, out_dir)
     if not args.json:
+        say(f"selection: {args.selection}")
         say(few_shot_table(result.metrics, shots, not args.no_full))
         say(costs_line(result.costs))
         say(f"run: {out['run_dir']}")
@@ -209,10 +220,11 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     comp = run_comparison(encoder, ds, store, rungs=rungs, shots=shots, seeds=args.seeds,
                           templates=args.templates, class_names=class_names(args), n_boot=args.n_boot,
                           seed=args.seed, progress=progress(args), out_dir=out_dir,
-                          probe_features=args.probe_features)
+                          probe_features=args.probe_features, selection=args.selection)
     out = comp.to_json()
     if not args.json:
-        say(f"{encoder.spec} on {ds.source}: {len(ds)} items, {len(ds.classes)} classes")
+        say(f"{encoder.spec} on {ds.source}: {len(ds)} items, {len(ds.classes)} classes; selection: "
+            f"{args.selection}")
         say(comp.format())
         say(f"run: {out_dir}")
     return out

@@ -68,6 +68,7 @@ def run_comparison(
     progress: bool = True,
     out_dir: str | Path | None = None,
     probe_features: str = "auto",
+    selection: str = "val",
 ) -> Comparison:
     """Run the chosen rungs (default: every frozen and shallow rung) and write each one's run directory.
 
@@ -84,7 +85,7 @@ def run_comparison(
     skipped = {r.name: why for r in chosen if (why := r.unmet(encoder, inputs.dataset)) is not None}
     runnable = [r for r in chosen if r.name not in skipped]
     options = RungOptions(shots=shots, seeds=seeds, templates=templates, class_names=class_names, n_boot=n_boot,
-                          seed=seed, progress=progress)
+                          seed=seed, progress=progress, selection=selection)
     if any(r.task == "classification" for r in runnable):
         options.encoder_ms = encoder_cost(encoder, inputs.labelled(), "test", None)
     results: dict[str, RunResult] = {}
@@ -118,6 +119,7 @@ def comparison_result(encoder: Encoder, dataset: Dataset, comp: Comparison, aske
     config = {"encoder": encoder.spec, "rungs": asked, "shots": list(options.shots), "seeds": options.seeds,
               "templates": options.templates if isinstance(options.templates, str) else "list",
               "n_boot": options.n_boot, "seed": options.seed, "probe_features": probe_features,
+              "selection": options.selection,
               "per_rung": {name: r.config for name, r in comp.results.items()}, "notes": notes}
     primary = next((f"{n}/{r.primary}" for n, r in comp.results.items()), "")
     return RunResult("compare", metrics, costs, config, data_provenance(dataset), primary=primary,
@@ -143,6 +145,7 @@ def comparison_rows(results: Mapping[str, RunResult], n_boot: int = 1000) -> lis
                 "rung": name,
                 "setting": "templates" if setting == "zeroshot" else setting,
                 "features": r.config.get("features", "joint"),
+                "selection": r.config.get("selection", "-"),  # zero-shot chooses nothing on labels
                 "top1": m.get(f"{prefix}top1"),
                 "top1_std": m.get(f"{prefix}top1_std"),
                 "top1_ci_low": m.get(f"{prefix}top1_ci_low"),

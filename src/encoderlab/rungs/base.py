@@ -30,18 +30,24 @@ NEEDS = ("dual", "labels", "captions")
 #: which features a head rung reads: the encoder's own embedding space, or (for an encoder built on another's
 #: features, such as an aligned pair) the tower's own features, which a projection head can only lose from
 FEATURES = ("joint", "tower")
+#: how a head rung chooses its knobs: on validation data ("val"), or not at all, with fixed defaults from its paper
+#: ("fixed": the validation-free protocol — few-shot adaptation rarely has more validation labels than shots)
+SELECTIONS = ("val", "fixed")
 
 
 @dataclass
 class HeadContext:
     """What a head factory may use: the seed of this fit, whether to refit on train+val, options, a zero-shot head.
 
+    ``selection`` is the protocol (:data:`SELECTIONS`): with "fixed" the head gets no validation data and must not
+    carve any from its training items — its factory builds it with the fixed defaults of its paper.
     ``zero_shot`` is built on first use (only heads that wrap the zero-shot classifier ask for it).
     """
 
     seed: int
     refit: bool
     class_weight: str | None = None
+    selection: str = "val"
     zero_shot_factory: Callable[[], ZeroShotClassifier] | None = None
     _zero_shot: ZeroShotClassifier | None = field(default=None, repr=False)
 
@@ -57,11 +63,12 @@ class HeadContext:
 
 @dataclass
 class RungOptions:
-    """Options shared by every rung (each rung reads the ones it uses)."""
+    """Options shared by every rung (each rung reads the ones it uses); ``selection``: see :data:`SELECTIONS`."""
 
     shots: Sequence[int] = ()
     seeds: int = 3
     full: bool = True
+    selection: str = "val"
     class_weight: str | None = None
     templates: str | Sequence[str] = "clip80"
     class_names: Mapping[str, str] | None = None
@@ -147,6 +154,8 @@ class Rung:
     features: str = "joint"
     make_head: HeadFactory | None = None
     rank: int = 0  # order within a level (tables list rungs by level, then rank)
+    #: a rung-specific requirement beyond ``needs``: why ``encoder`` cannot host this rung, or None
+    supports: Callable[[Encoder], str | None] | None = None
 
     def __post_init__(self) -> None:
         bad = [n for n in self.needs if n not in NEEDS]
@@ -159,6 +168,8 @@ class Rung:
             return "needs a dual encoder (image and text towers)"
         if "labels" in self.needs and not dataset.classes:
             return "needs labelled items (the dataset has no labels)"
+        if self.supports is not None and (why := self.supports(encoder)) is not None:
+            return why
         if "captions" in self.needs and not (dataset.has_texts and dataset.has_images):
             return "needs image–caption pairs (the dataset has no captions)" if dataset.has_images else \
                 "needs image–caption pairs (the dataset has no images)"

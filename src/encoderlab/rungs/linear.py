@@ -8,6 +8,9 @@ from .probe import run_head_rung
 
 
 def make_head(ctx: HeadContext) -> LinearProbe:
+    """Validation-free (``selection="fixed"``): the grid's middle value, C=1, on every training item."""
+    if ctx.selection == "fixed":
+        return LinearProbe(Cs=[1.0], class_weight=ctx.class_weight, seed=ctx.seed, refit=ctx.refit)
     return LinearProbe(class_weight=ctx.class_weight, seed=ctx.seed, refit=ctx.refit)
 
 

@@ -8,6 +8,12 @@ Protocol (recorded in every result's ``config``):
   over seeds; the table shows mean ± std over seeds and a bootstrap interval over test items of the seed-averaged
   correctness;
 - the test split never chooses anything.
+
+The validation-free protocol (``selection="fixed"``, after CLAP, Silva-Rodríguez et al. 2024: a validation set
+larger than the training shots is unrealistic) fits the same support sets (same seeds, same draws) but gives the
+heads no validation data at all — the few-shot validation sample is not even drawn, and the full-data fit gets
+train + val as its training items — and every head uses the fixed defaults of its paper. Each setting records
+its ``selection``, ``chosen_by``, seed and a digest of its support set, so tables never mix protocols unseen.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from ..data.prompts import load_templates
 from ..encoders.base import Encoder
 from ..errors import EncoderlabError
 from ..extract.labelled import LabelledEmbeddings
+from ..hashing import json_digest
 from ..metrics.bootstrap import bootstrap_ci
 from ..metrics.classification import classification_metrics, per_item_topk_correct
 from ..results import RunResult, data_provenance
 from ..store import EmbeddingStore
-from .base import HeadContext, Rung, RungInputs, RungOptions, create_rung, list_rungs
+from .base import SELECTIONS, HeadContext, Rung, RungInputs, RungOptions, create_rung, list_rungs
 from .common import (
     chosen_knobs,
     encoder_cost,
@@ -43,6 +50,16 @@ from .costs import ms_per_item, n_params, peak_rss_mb
 from .zeroshot import zeroshot_classifier
 
 FEW_SHOT_VAL_SHOTS = 4
+#: what each selection protocol does, recorded in every result's config
+PROTOCOLS = {
+    "val": {"full": "fit train, choose knobs on val, refit train+val, report test",
+            "few_shot": f"k per class from train (seeded draw k_shot(k, seed)), choose knobs on min(k, "
+                        f"{FEW_SHOT_VAL_SHOTS}) per class from val, no refit (every head's final model holds exactly "
+                        "the k per class), report test; mean and std over seeds"},
+    "fixed": {"full": "fit train+val with the fixed defaults of the head's paper, no validation data, report test",
+              "few_shot": "k per class from train (the same seeded draws as selection 'val'), fixed defaults, no "
+                          "validation data read or drawn, report test; mean and std over seeds"},
+}
 
 
 def head_rung(method: str) -> Rung:
@@ -65,21 +82,47 @@ def check_few_shot(shots: Sequence[int], seeds: int, full: bool) -> list[int]:
     return sorted({int(k) for k in shots})
 
 
+def check_selection(selection: str) -> str:
+    if selection not in SELECTIONS:
+        raise EncoderlabError(f"selection={selection!r} is not a protocol",
+                              'use "val" (knobs chosen on validation data) or "fixed" (the papers\' defaults, no '
+                              "validation data)")
+    return selection
+
+
 def _fit(rung: Rung, ctx: HeadContext, emb: LabelledEmbeddings, tr: np.ndarray, va: np.ndarray | None) -> Any:
     assert rung.make_head is not None
     head = rung.make_head(ctx)
     has_val = va is not None and va.size > 0
     with small_fit_threads("cpu"):  # small problems: see encoderlab.cpu
-        return head.fit(emb.X[tr], emb.y[tr], emb.X[va] if has_val else None, emb.y[va] if has_val else None)
+        head.fit(emb.X[tr], emb.y[tr], emb.X[va] if has_val else None, emb.y[va] if has_val else None)
+    if ctx.selection == "fixed":
+        held = np.asarray(head.fit_counts_)
+        given = np.bincount(emb.y[tr], minlength=emb.n_classes)[np.asarray(head.classes_).astype(np.int64)]
+        if not np.array_equal(held, given):  # it held some out to choose on: not the validation-free protocol
+            raise EncoderlabError(f"rung {rung.name!r} kept {int(held.sum())} of its {tr.size} training items under "
+                                  "selection='fixed' (it set some aside to choose its knobs on)",
+                                  "build its head with fixed knobs when HeadContext.selection is 'fixed'")
+    return head
+
+
+def _digest(emb: LabelledEmbeddings, idx: np.ndarray | None) -> str | None:
+    """A short digest of which items a fit used (same digest = same support set, across rungs and protocols)."""
+    return None if idx is None or idx.size == 0 else json_digest(sorted(str(i) for i in emb.ids[idx]))[:16]
 
 
 def _record(head: Any, setting: str, tr: np.ndarray, va: np.ndarray | None, fit_s: float, rung: Rung,
-            on: str, classes: list[str]) -> dict[str, Any]:
+            on: str, emb: LabelledEmbeddings, selection: str) -> dict[str, Any]:
     counts = np.asarray(head.fit_counts_)
-    return {"setting": setting, "train_items": int(tr.size), "val_items": int(va.size) if va is not None else 0,
+    classes = emb.classes
+    # validation-free: a head that still swept chose on its own training items (kNN's leave-one-out)
+    knobs = chosen_knobs(head, rung.knobs, "train" if selection == "fixed" else on)
+    return {"setting": setting, "selection": selection, "train_items": int(tr.size),
+            "val_items": int(va.size) if va is not None else 0,
             "final_model_items": int(counts.sum()),
             "final_model_items_per_class": {classes[int(c)]: int(n) for c, n in zip(head.classes_, counts)},
-            "fit_seconds": round(fit_s, 4), **chosen_knobs(head, rung.knobs, on)}
+            "fit_seconds": round(fit_s, 4), "train_digest": _digest(emb, tr), "val_digest": _digest(emb, va),
+            **knobs}
 
 
 @dataclass
@@ -91,6 +134,7 @@ class _Protocol:
     context: Callable[[int, bool], HeadContext]
     n_boot: int
     seed: int
+    selection: str = "val"
     metrics: dict[str, float] = field(default_factory=dict)
     costs: dict[str, Any] = field(default_factory=dict)
     settings: list[dict[str, Any]] = field(default_factory=list)
@@ -120,18 +164,24 @@ class _Protocol:
         return head, fit_s, full_scores(head, self.emb.X[self.test], self.emb.n_classes), va
 
     def full(self) -> Any:
-        """Fit on train, choose on val, refit on train + val; report test."""
+        """Fit on train, choose on val, refit on train + val; report test. Validation-free: fit train + val."""
         emb, test = self.emb, self.test
-        head, fit_s, scores, va = self.fit(self.seed, True, self.train, self.val)
+        # validation-free: the labelled items of the refit model, none held out to choose on
+        tr, va = (np.union1d(self.train, self.val), None) if self.selection == "fixed" else (self.train, self.val)
+        head, fit_s, scores, va = self.fit(self.seed, True, tr, va)
         self.metrics.update(evaluate(emb.y[test], scores, emb.classes, self.n_boot, self.seed))
         self.costs["fit_seconds"] = round(fit_s, 4)
-        self.settings.append(_record(head, "full", self.train, va, fit_s, self.rung, "val", emb.classes))
+        record = _record(head, "full", tr, va, fit_s, self.rung, "val", emb, self.selection)
+        self.settings.append({**record, "seed": self.seed})
         self.preds.append(prediction_rows(emb, test, scores, "full"))
         self.per_item["full"] = per_item_topk_correct(emb.y[test], scores, 1).astype(float)
         return head
 
     def few_shot(self, k: int, seeds: int) -> Any:
-        """k per class from train over ``seeds`` samples, knobs on min(k, 4) per class from val, no refit."""
+        """k per class from train over ``seeds`` samples, knobs on min(k, 4) per class from val, no refit.
+
+        Validation-free: the same k-per-class samples (the train draw does not depend on the val draw), no val.
+        """
         emb, yt = self.emb, self.emb.y[self.test]
         per_seed: list[dict[str, float]] = []
         correct = np.zeros(len(self.test))
@@ -139,14 +189,16 @@ class _Protocol:
         head = None
         for s in range(seeds):
             tr, note = emb.k_shot(k, s, "train")
-            va = emb.k_shot(min(k, FEW_SHOT_VAL_SHOTS), s, "val")[0] if self.val.size else None
+            va = None
+            if self.val.size and self.selection == "val":
+                va = emb.k_shot(min(k, FEW_SHOT_VAL_SHOTS), s, "val")[0]
             if note and s == 0:
                 self.notes.append(f"{k}-shot: {note}")
             head, fit_s, scores, va = self.fit(s, False, tr, va)
             fit_times.append(fit_s)
             per_seed.append(classification_metrics(yt, scores, emb.classes))
             correct += per_item_topk_correct(yt, scores, 1)
-            record = _record(head, f"{k}-shot", tr, va, fit_s, self.rung, "k-shot-val", emb.classes)
+            record = _record(head, f"{k}-shot", tr, va, fit_s, self.rung, "k-shot-val", emb, self.selection)
             self.settings.append({**record, "seed": s, "top1": per_seed[-1]["top1"]})
             if s == 0:
                 self.preds.append(prediction_rows(emb, self.test, scores, f"{k}-shot seed 0"))
@@ -187,13 +239,16 @@ def run_probe(
     seed: int = 0,
     encoder_ms: float | None = None,
     zero_shot_encoder: Encoder | None = None,
+    selection: str = "val",
 ) -> RunResult:
     """Fit the head of rung ``method`` on frozen embeddings: full train split and/or k-shot samples over seeds.
 
     ``zero_shot_encoder`` builds the zero-shot classifier for heads that wrap one (default: ``encoder``).
+    ``selection``: "val" (knobs chosen on validation data) or "fixed" (validation-free; see the module docstring).
     """
     rung = head_rung(method)
     ks = check_few_shot(shots, seeds, full)
+    check_selection(selection)
     zs_encoder = zero_shot_encoder or encoder
     why = rung.unmet(zs_encoder, emb.dataset)
     if why is not None:  # before any fit: say what is missing and which heads would run
@@ -210,10 +265,10 @@ def run_probe(
         return built["head"]
 
     def context(s: int, refit: bool) -> HeadContext:
-        return HeadContext(seed=s, refit=refit, class_weight=class_weight,
+        return HeadContext(seed=s, refit=refit, class_weight=class_weight, selection=selection,
                            zero_shot_factory=zero_shot if "dual" in rung.needs else None)
 
-    run = _Protocol(rung, emb, context, n_boot, seed)
+    run = _Protocol(rung, emb, context, n_boot, seed, selection)
     full_head = run.full() if full else None
     last = None
     for k in ks:
@@ -222,11 +277,8 @@ def run_probe(
     config = {
         "method": rung.name, "encoder": encoder.spec, "shots": ks, "seeds": seeds,
         "full": full, "class_weight": class_weight, "seed": seed, "n_boot": n_boot, "modality": emb.modality,
-        "knobs": list(rung.knobs),
-        "protocol": {"full": "fit train, choose knobs on val, refit train+val, report test",
-                     "few_shot": f"k per class from train, choose knobs on min(k, {FEW_SHOT_VAL_SHOTS}) per class "
-                                 "from val, no refit (every head's final model holds exactly the k per class), "
-                                 "report test; mean and std over seeds"},
+        "knobs": list(rung.knobs), "selection": selection,
+        "protocol": PROTOCOLS[selection],
         "notes": run.notes,
     }
     if template_list:
@@ -250,6 +302,6 @@ def run_head_rung(rung: Rung, inputs: RungInputs, options: RungOptions) -> RunRe
     result = run_probe(encoder, emb, inputs.store, method=rung.name, shots=options.shots, seeds=options.seeds,
                        full=options.full, class_weight=options.class_weight, templates=options.templates,
                        class_names=options.class_names, n_boot=options.n_boot, seed=options.seed,
-                       encoder_ms=options.encoder_ms, zero_shot_encoder=inputs.encoder)
+                       encoder_ms=options.encoder_ms, zero_shot_encoder=inputs.encoder, selection=options.selection)
     result.config["features"] = features
     return result

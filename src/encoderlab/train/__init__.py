@@ -1,8 +1,8 @@
-"""Training: one loop (``loop.fit``), lr schedules, contrastive losses, and LiT-style alignment of two towers."""
+"""Training: one loop (``loop.fit``, with ``checkpoint``s), lr schedules, contrastive losses, LiT-style alignment."""
 
 from .align import AlignConfig, AlignResult, align_encoders, evaluate_retrieval
 from .loop import FitResult, LoopSettings, decay_groups, fit
-from .losses import contrastive_targets, symmetric_infonce
+from .losses import contrastive_targets, sigmoid_loss, symmetric_infonce
 from .schedule import lr_at
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "evaluate_retrieval",
     "fit",
     "lr_at",
+    "sigmoid_loss",
     "symmetric_infonce",
 ]

@@ -5,6 +5,9 @@ run), so an epoch over thousands of pairs takes well under a second on a CPU. He
 retrieval (mean of image->text and text->image R@1) with early stopping, and saved as a directory that
 ``create_encoder("local:DIR")`` loads as a dual encoder (see ``encoders.aligned``). The epoch loop is ``loop.fit``;
 with ``reuse=True`` a model directory trained from the same towers, split and settings is returned untrained.
+Training checkpoints after every epoch (and every ``checkpoint_every`` steps) into the sibling work directory
+``.NAME.train/`` (``checkpoint.work_dir``; the model directory holds only ``MODEL_FILES``), so a killed run resumes
+where it was and ends with the same heads; the work directory is removed once the model is saved.
 
 Head inputs are L2-normalized tower embeddings (``input_normalize=True``) so the head sees the same scale whatever
 the tower. Measured on OpenClipart (efficientnet-lite0 + minilm-l6, val = mean R@1): for the default bias-free linear
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +54,8 @@ from ..extract.embeddings import caption_pairs, image_embeddings, text_embedding
 from ..hashing import json_digest, text_key
 from ..metrics.retrieval import retrieval_metrics
 from ..store import EmbeddingStore
-from .loop import FitResult, LoopSettings, decay_groups, fit
+from . import checkpoint
+from .loop import FitResult, LoopSettings, decay_groups, fit, run_settings
 from .losses import contrastive_targets, symmetric_infonce
 from .schedule import check_schedule
 
@@ -142,6 +147,7 @@ class AlignResult:
     config: dict[str, Any]
     heads: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
     up_to_date: bool = False  # True: nothing was trained, this is the record of the model already saved there
+    resumed_at: int = 0  # optimizer steps restored from an interrupted run's checkpoint (0: trained from the start)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able digest for the CLI and reports."""
@@ -155,6 +161,7 @@ class AlignResult:
             "trainable_params": self.trainable_params,
             "fit_seconds": round(self.fit_seconds, 3),
             "feature_seconds": round(self.feature_seconds, 3),
+            "resumed_at": self.resumed_at,
         }
 
 
@@ -216,6 +223,8 @@ def align_encoders(
     progress: bool = True,
     device: str = "auto",
     precision: str | None = None,
+    resume: bool = True,
+    checkpoint_every: int | None = None,
     **settings: Any,
 ) -> AlignResult:
     """Train projection heads that map ``vision`` image features and ``text`` text features into one space.
@@ -226,22 +235,31 @@ def align_encoders(
     held-out retrieval should fall to chance. The heads of the best val epoch are saved to ``out_dir`` (see
     ``encoders.aligned``); an existing aligned model there is replaced, any other non-empty directory is refused.
     ``reuse=True``: when ``out_dir`` already holds a model of the same towers, data split and settings, nothing is
-    trained and its record is returned (``up_to_date=True``).
+    trained and its record is returned (``up_to_date=True``). Training resumes from the checkpoint of a killed run
+    (``resume=False``: start over); one written under other settings is refused before features are extracted.
     """
     cfg = AlignConfig.merged(config, settings)
     check_output_dir(out_dir)  # fail before any work, not after training
     dev = select_device(device)
     t0 = time.perf_counter()
     towers = _load_towers(vision, text, dev, precision)
-    request = request_digest(towers, train, val, cfg)
-    if reuse and is_up_to_date(out_dir, request):
+    parts = request_parts(towers, train, val, cfg)
+    work = checkpoint.work_dir(out_dir)
+    if reuse and is_up_to_date(out_dir, json_digest(parts)):
+        shutil.rmtree(work, ignore_errors=True)  # scratch of a run superseded by the saved model
         return saved_result(out_dir, feature_seconds=time.perf_counter() - t0)
+    run_config = {**parts["settings"], "towers": json_digest(parts["towers"]), "feature_precision": parts["precision"],
+                  "data": json_digest([parts["train"], parts["val"]])}
+    if resume:  # a checkpoint of other settings fails here, not after minutes of feature extraction
+        checkpoint.check_resumable(work, {"loop": run_settings(_loop_settings(cfg), "fp32"), "client": run_config})
     tr, va = (pair_features(towers["image"], towers["text"], ds, store, input_normalize=cfg.input_normalize,
                             progress=progress) for ds in (train, val))
     feature_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    model, fitted, val_metrics = _train_heads(tr, va, cfg, dev, progress)
+    resumable = {"checkpoint_dir": work, "checkpoint_every": checkpoint_every, "resume": resume,
+                 "run_config": run_config}
+    model, fitted, val_metrics = _train_heads(tr, va, cfg, dev, progress, resumable)
     fit_seconds = time.perf_counter() - t1
     best_scale = fitted.history[fitted.best_epoch - 1]["logit_scale"]
     out = os.fspath(out_dir)
@@ -258,11 +276,14 @@ def align_encoders(
     tensors["logit_scale"] = torch.tensor(best_scale)
     # What the heads were fit on (train) and selected on (val), so evaluations can spot items the model has seen.
     items = TrainingItems(train=tr.keys(), val=va.keys(), source=train.source or val.source or "")
-    save_aligned(out, config_json, tensors, extra_json={REQUEST_NAME: {"digest": request}}, training_items=items)
+    save_aligned(out, config_json, tensors, extra_json={REQUEST_NAME: {"digest": json_digest(parts)}},
+                 training_items=items)
+    shutil.rmtree(work, ignore_errors=True)  # kept until now: a failed save retries without training again
     return AlignResult(
         path=out, best_epoch=fitted.best_epoch, epochs_run=len(fitted.history), val_metrics=val_metrics,
         history=fitted.history, fit_seconds=fit_seconds, feature_seconds=feature_seconds, logit_scale=best_scale,
         config=config_json, trainable_params=sum(p.numel() for p in model.parameters()), heads=dict(model.heads),
+        resumed_at=fitted.resumed_at,
     )
 
 
@@ -291,9 +312,18 @@ class AlignHeads(torch.nn.Module):
             self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
 
 
-def _train_heads(tr: PairFeatures, va: PairFeatures, cfg: AlignConfig, dev: torch.device, progress: bool
-                 ) -> tuple[AlignHeads, FitResult, dict[str, float]]:
-    """Fit heads on the train pairs with ``loop.fit``; returns them (best epoch loaded), the fit, its val metrics."""
+def _loop_settings(cfg: AlignConfig) -> LoopSettings:
+    """The loop's settings of an align run; fp32 everywhere: tiny head matmuls gain nothing from autocast."""
+    return LoopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
+                        warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, seed=cfg.seed, precision="fp32")
+
+
+def _train_heads(tr: PairFeatures, va: PairFeatures, cfg: AlignConfig, dev: torch.device, progress: bool,
+                 resumable: dict[str, Any] | None = None) -> tuple[AlignHeads, FitResult, dict[str, float]]:
+    """Fit heads on the train pairs with ``loop.fit``; returns them (best epoch loaded), the fit, its val metrics.
+
+    ``resumable`` holds ``fit``'s checkpoint arguments (``checkpoint_dir``, ``checkpoint_every``, ...).
+    """
     pair_img = tr.pair_img
     if cfg.shuffle_pairs:
         # A separate stream, so init and batch order are exactly those of the real run.
@@ -312,26 +342,21 @@ def _train_heads(tr: PairFeatures, va: PairFeatures, cfg: AlignConfig, dev: torc
         return symmetric_infonce(model.heads["image"](tr_img[pi.to(dev)]), model.heads["text"](tr_txt[pt.to(dev)]),
                                  model.logit_scale.exp(), mask)
 
-    per_epoch: list[dict[str, float]] = []
-
     def evaluate() -> tuple[float, dict[str, float]]:
         scale = model.logit_scale.detach().exp().item()
-        zi, zt = _project(dict(model.heads), va, dev)
-        metrics = retrieval_metrics(zi, zt, va.pair_img, va.pair_txt)
-        per_epoch.append(metrics)
+        metrics = retrieval_metrics(*_project(dict(model.heads), va, dev), va.pair_img, va.pair_txt)
         val_metric = 0.5 * (metrics["i2t_R@1"] + metrics["t2i_R@1"])
         return val_metric, {"val_loss": _val_loss(dict(model.heads), va, scale, cfg.batch_size, dev),
                             "val_metric": val_metric, "val_i2t_R@1": metrics["i2t_R@1"],
                             "val_t2i_R@1": metrics["t2i_R@1"], "logit_scale": scale}
 
-    settings = LoopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
-                            warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, seed=cfg.seed)
     groups = decay_groups(model.named_parameters(), cfg.weight_decay)
     with small_fit_threads(dev):  # tiny matmuls: one thread is faster and immune to a busy core
-        fitted = fit(model, step, len(pair_img), groups, evaluate, settings, after_step=model.clamp_scale,
-                     progress=progress, desc="align")
+        fitted = fit(model, step, len(pair_img), groups, evaluate, _loop_settings(cfg), after_step=model.clamp_scale,
+                     progress=progress, desc="align", **(resumable or {}))
     model.eval().requires_grad_(False)
-    return model, fitted, per_epoch[fitted.best_epoch - 1]
+    # The best epoch's full metrics, recomputed from its (reloaded) heads: the same numbers, also after a resume.
+    return model, fitted, retrieval_metrics(*_project(dict(model.heads), va, dev), va.pair_img, va.pair_txt)
 
 
 # ---- reuse: same towers, same split, same settings -> the saved model is up to date ------------------------
@@ -339,14 +364,18 @@ def _train_heads(tr: PairFeatures, va: PairFeatures, cfg: AlignConfig, dev: torc
 
 def request_digest(towers: dict[str, Encoder], train: Dataset, val: Dataset, cfg: AlignConfig) -> str:
     """Digest of everything an aligned model depends on: tower weights and precision, the data split, settings."""
+    return json_digest(request_parts(towers, train, val, cfg))
+
+
+def request_parts(towers: dict[str, Encoder], train: Dataset, val: Dataset, cfg: AlignConfig) -> dict[str, Any]:
+    """What ``request_digest`` digests, by part (a checkpoint names the part that changed)."""
 
     def split(ds: Dataset) -> dict[str, Any]:
         ids = sorted(map(str, ds.table["id"]))
         return {"source": ds.source, "items": len(ids), "ids": json_digest(ids), "split_info": ds.split_info}
 
-    return json_digest({"towers": {m: tower_fingerprint(t) for m, t in towers.items()},
-                        "precision": towers["image"].precision, "train": split(train), "val": split(val),
-                        "settings": dataclasses.asdict(cfg)})
+    return {"towers": {m: tower_fingerprint(t) for m, t in towers.items()}, "precision": towers["image"].precision,
+            "train": split(train), "val": split(val), "settings": dataclasses.asdict(cfg)}
 
 
 def is_up_to_date(out_dir: str | os.PathLike, request: str) -> bool:

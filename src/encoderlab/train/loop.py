@@ -1,27 +1,37 @@
-"""One training loop for every trainer: AdamW over decay groups, scheduled lr, early stopping on a val metric.
+"""One training loop for every trainer (align, CoOp, fine-tuning): AdamW over decay groups, scheduled lr, gradient
+accumulation and clipping, mixed precision on CUDA, early stopping on a val metric, checkpoints with exact resume.
 
 The loop knows nothing about the model: the client passes a step function (the loss of a batch of item indices),
 the parameter groups, and an evaluation callback (a validation metric, higher is better, plus record fields). It
-shuffles indices with its own seeded generator, so a fit is deterministic for a seed and leaves the global RNG alone.
-The state of the best epoch is kept (a deep copy of ``model.state_dict()``) and loaded back at the end.
+shuffles indices with its own seeded generator, so a fit is deterministic for a seed and leaves the global RNG alone
+(a resume restores it to where the interrupted run had it). The trainable state of the best epoch is kept and
+loaded back at the end. Checkpoints are ``checkpoint``'s business; the loop only says when and what.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import EncoderlabError
 from ..progress import progress_bar
+from . import checkpoint
 from .schedule import capped_warmup, check_schedule, lr_at, steps_per_epoch
 
-#: name fragments of parameters that get no weight decay (besides every parameter with fewer than 2 dims)
-NO_DECAY: tuple[str, ...] = ("bias", "norm", "logit_scale", "logit_bias", "temperature")
+#: name fragments of parameters that get no weight decay (besides every parameter with fewer than 2 dims); CoOp's
+#: learned prompt context is a 2-D matrix of token embeddings, and decaying it pulls the prompt towards nothing
+NO_DECAY: tuple[str, ...] = ("bias", "norm", "logit_scale", "logit_bias", "temperature", "prompt", "ctx")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 StepFn = Callable[[torch.Tensor], torch.Tensor]  # item indices of one batch -> scalar loss (with a graph)
 EvalFn = Callable[[], tuple[float, dict[str, float]]]  # -> (val metric, higher is better; extra record fields)
@@ -29,7 +39,7 @@ EvalFn = Callable[[], tuple[float, dict[str, float]]]  # -> (val metric, higher 
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """How long and how fast to train; ``warmup_steps`` is capped at a tenth of all steps (``capped_warmup``)."""
+    """How long and how fast to train; ``warmup_steps`` is capped at a tenth of all (optimizer) steps."""
 
     epochs: int
     batch_size: int
@@ -39,16 +49,36 @@ class LoopSettings:
     schedule: str = "cosine"
     seed: int = 0
     max_norm: float | None = None  # gradient clipping (total L2 norm over all parameters); None: no clipping
+    accumulate: int = 1  # batches per optimizer step (their losses averaged); the schedule counts optimizer steps
+    precision: str = "auto"  # CUDA: auto = bf16 where supported, else fp16 (with a GradScaler); CPU: always fp32
 
     def check(self) -> None:
         """Fail on values the loop cannot run with, naming the bad one."""
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "accumulate"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise EncoderlabError(f"{name} must be a positive integer, got {value!r}", f"pass {name}=1 or more")
         check_schedule(self.schedule)
         if self.max_norm is not None and not self.max_norm > 0:
             raise EncoderlabError(f"max_norm must be positive or None, got {self.max_norm!r}", "pass e.g. 1.0")
+        if self.precision not in PRECISIONS:
+            raise EncoderlabError(f"unknown precision {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a fit runs in: fp32 on CPU (bf16 autocast is slower than fp32 on common CPUs), else as asked."""
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            warnings.warn(f"precision {precision} is for CUDA; training on {device.type} runs in fp32", stacklevel=4)
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def run_settings(settings: LoopSettings, precision: str) -> dict[str, Any]:
+    """The loop's part of a checkpoint's settings: every field, with the ``precision`` it actually runs in."""
+    return {**dataclasses.asdict(settings), "precision": precision}
 
 
 @dataclass
@@ -61,12 +91,14 @@ class FitResult:
     best_state: dict[str, Any]
     total_steps: int
     warmup_steps: int
+    precision: str = "fp32"
+    resumed_at: int = 0  # optimizer steps restored from a checkpoint (0: started fresh)
 
 
 def decay_groups(
     named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, no_decay: Sequence[str] = NO_DECAY
 ) -> list[dict[str, Any]]:
-    """AdamW parameter groups: decay on weight matrices; none on biases, norm weights and temperatures.
+    """AdamW parameter groups: decay on weight matrices; none on biases, norm weights, temperatures, prompt contexts.
 
     A parameter is exempt when it has fewer than 2 dims (biases, norm scales, scalar temperatures) or its name
     contains one of ``no_decay``; frozen parameters (``requires_grad=False``) are left out. Empty groups are dropped.
@@ -85,7 +117,7 @@ def decay_groups(
 
 
 class ScheduledAdamW:
-    """AdamW whose lr follows ``lr_at`` as a function of the step count, with optional gradient clipping."""
+    """AdamW whose lr follows ``lr_at`` of the step count, with clipping and (CUDA) autocast plus a GradScaler."""
 
     def __init__(self, param_groups: list[dict[str, Any]], settings: LoopSettings, total_steps: int) -> None:
         self.opt = torch.optim.AdamW(param_groups, lr=settings.lr)
@@ -93,21 +125,63 @@ class ScheduledAdamW:
         self.settings, self.total_steps = settings, total_steps
         self.warmup = capped_warmup(settings.warmup_steps, total_steps)
         self.steps = 0
+        self.device = self.params[0].device
+        self.precision = resolve_precision(settings.precision, self.device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def lr(self, at: int) -> float:
         """The learning rate of step ``at``."""
         return lr_at(at, self.total_steps, self.settings.lr, self.warmup, self.settings.schedule)
 
-    def step(self, loss: torch.Tensor) -> None:
-        """Backpropagate ``loss``, clip, and take one optimizer step at the scheduled lr."""
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of a step function's forward: autocast in bf16/fp16 on CUDA, nothing in fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def zero_grad(self) -> None:
+        """Start a new accumulation group (``set_to_none``: the first backward writes instead of adding)."""
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of ``loss`` (scaled for fp16; the scale is undone before clipping)."""
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        """Clip the accumulated gradient, take one optimizer step at the scheduled lr, clear the gradient next time."""
+        self.scaler.unscale_(self.opt)  # clipping and the lr act on true gradients
         if self.settings.max_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_norm)
         for group in self.opt.param_groups:
             group["lr"] = self.lr(self.steps)
-        self.opt.step()
+        self.scaler.step(self.opt)  # skips the step when an fp16 gradient overflowed; the schedule moves on
+        self.scaler.update()
         self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.steps = state["steps"]
+
+
+@dataclass
+class RunState:
+    """Where a fit is, besides model, optimizer and RNG states: what a checkpoint needs to continue exactly."""
+
+    epoch: int = 1  # the epoch in progress
+    position: int = 0  # its batches done (a whole number of optimizer steps)
+    order: torch.Tensor | None = None  # its permutation of the items, drawn when it starts
+    loss_sum: float = 0.0  # item-weighted loss over its batches done
+    seconds: float = 0.0  # its time before this process took over
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (metric, epoch, trainable state)
+    complete: bool = False
 
 
 def fit(
@@ -121,49 +195,116 @@ def fit(
     after_step: Callable[[], None] | None = None,
     progress: bool = False,
     desc: str = "train",
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    run_config: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` for up to ``settings.epochs`` epochs over ``n_items`` items; keep the best val epoch.
 
     Each epoch visits a seeded permutation of the items in near-equal batches (a small remainder batch would have
-    few negatives for a contrastive loss). ``after_step`` runs after every optimizer step (e.g. clamping a
+    few negatives for a contrastive loss); the optimizer steps every ``settings.accumulate`` batches (and at the
+    epoch's end), on the mean of their losses. ``after_step`` runs after every optimizer step (e.g. clamping a
     temperature). Training stops after ``settings.patience`` epochs without a better metric; the best state is
     loaded back into ``model`` and returned.
+
+    With ``checkpoint_dir`` a checkpoint is written there after every epoch and every ``checkpoint_every``
+    optimizer steps; ``resume`` continues from it (failing first when ``settings``, the data size, the trainable
+    parameters or the client's ``run_config``, a JSON-able record of what else changes the result, differ), or
+    starts over. The finished run's checkpoint is marked complete: fitting again returns the same result at once.
     """
     settings.check()
     if n_items < 1:
         raise EncoderlabError("nothing to train on (0 items)", "pass a non-empty training set")
+    if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
+        raise EncoderlabError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}",
+                              "pass e.g. checkpoint_every=100 optimizer steps, or None for epoch ends only")
     n_batches = steps_per_epoch(n_items, settings.batch_size)
-    optim = ScheduledAdamW(param_groups, settings, settings.epochs * n_batches)
+    optim = ScheduledAdamW(param_groups, settings, settings.epochs * math.ceil(n_batches / settings.accumulate))
     gen = torch.Generator().manual_seed(settings.seed)  # its own stream: the global RNG is left alone
-    history: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, Any]] | None = None
-    bar = progress_bar(settings.epochs, "epoch", progress, desc=desc)
+    run, resumed_at = RunState(), 0
+    # everything that changes the result: a checkpoint written under other values is refused, not resumed
+    expected = {"loop": run_settings(settings, optim.precision), "items": n_items, "client": run_config or {},
+                "trainable": {k: list(v.shape) for k, v in checkpoint.trainable_state(model).items()}}
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        resumed_at = _restore(checkpoint_dir, expected, resume, model, optim, gen, run)
+
+    def save() -> None:
+        if checkpoint_dir is not None:
+            state = {"model": checkpoint.trainable_state(model), "optimizer": optim.state_dict()}
+            checkpoint.save(checkpoint_dir, {"settings": checkpoint.plain(expected), "run": dict(vars(run)), **state,
+                                             "rng": checkpoint.rng_states(gen)})
+
+    acc = settings.accumulate
+    remaining = 0 if run.complete else (settings.epochs - run.epoch + 1) * n_batches - run.position
+    bar = progress_bar(remaining, "batch", progress, desc=desc)  # batches, not epochs: an ETA that moves
     try:
-        for epoch in range(1, settings.epochs + 1):
-            started = time.perf_counter()
+        while not run.complete:
+            epoch, started = run.epoch, time.perf_counter() - run.seconds
+            if run.order is None:
+                run.order = torch.randperm(n_items, generator=gen)
+            batches = torch.tensor_split(run.order, n_batches)
+            seen = sum(len(b) for b in batches[: run.position])
             model.train()
-            loss_sum = 0.0
-            for idx in torch.tensor_split(torch.randperm(n_items, generator=gen), n_batches):
-                loss = step(idx)
-                optim.step(loss)
+            for b in range(run.position, n_batches):
+                first = b - b % acc
+                size = min(acc, n_batches - first)  # the epoch's last group may be short: still a mean
+                if b == first:
+                    optim.zero_grad()
+                with optim.autocast():
+                    loss = step(batches[b])
+                optim.backward(loss / size)
+                run.loss_sum += loss.item() * len(batches[b])
+                seen += len(batches[b])
+                bar.update(1)
+                if b + 1 < first + size:
+                    continue
+                optim.step()
                 if after_step is not None:
                     after_step()
-                loss_sum += loss.item() * len(idx)
+                run.position = b + 1
+                bar.set_postfix(epoch=f"{epoch}/{settings.epochs}", loss=f"{run.loss_sum / seen:.3f}",
+                                val=f"{run.history[-1]['val_metric']:.3f}" if run.history else "-", refresh=False)
+                if checkpoint_every and optim.steps % checkpoint_every == 0 and run.position < n_batches:
+                    run.seconds = time.perf_counter() - started
+                    save()
             model.eval()
             metric, fields = evaluate()
-            record = {"epoch": epoch, "train_loss": loss_sum / n_items, **fields}
+            record = {"epoch": epoch, "train_loss": run.loss_sum / n_items, **fields}
             record.setdefault("val_metric", metric)
             record.update(lr=optim.lr(optim.steps - 1), seconds=time.perf_counter() - started)
-            history.append(record)
-            if best is None or metric > best[0]:
-                best = (metric, epoch, copy.deepcopy(model.state_dict()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{metric:.3f}", best=best[1])
-            if epoch - best[1] >= settings.patience:
-                break
+            run.history.append({k: v.item() if hasattr(v, "item") else v for k, v in record.items()})  # no numpy
+            if run.best is None or metric > run.best[0]:
+                run.best = (metric, epoch, checkpoint.trainable_state(model, clone=True))
+            bar.set_postfix(epoch=f"{epoch}/{settings.epochs}", loss=f"{record['train_loss']:.3f}",
+                            val=f"{metric:.3f}", best=run.best[1])
+            run.complete = epoch == settings.epochs or epoch - run.best[1] >= settings.patience
+            run.epoch, run.position, run.order, run.loss_sum, run.seconds = epoch + 1, 0, None, 0.0, 0.0
+            save()
     finally:
         bar.close()
-    assert best is not None  # epochs >= 1
-    metric, best_epoch, state = best
-    model.load_state_dict(state)
-    return FitResult(history, best_epoch, metric, state, optim.total_steps, optim.warmup)
+    assert run.best is not None  # epochs >= 1
+    metric, best_epoch, state = run.best
+    checkpoint.load_trainable_state(model, state)
+    return FitResult(run.history, best_epoch, metric, copy.deepcopy(model.state_dict()), optim.total_steps,
+                     optim.warmup, optim.precision, resumed_at)
+
+
+def _restore(directory: Path, expected: dict[str, Any], resume: bool, model: torch.nn.Module,
+             optim: ScheduledAdamW, gen: torch.Generator, run: RunState) -> int:
+    """Continue from the checkpoint in ``directory`` (its settings checked first); returns the steps restored."""
+    checkpoint.remove_stale_temps(directory)
+    if not resume:
+        checkpoint.remove(directory)
+        return 0
+    ckpt = checkpoint.load(directory)
+    if ckpt is None:
+        return 0
+    checkpoint.check_settings(ckpt, expected, directory)
+    checkpoint.load_trainable_state(model, ckpt["model"])
+    optim.load_state_dict(ckpt["optimizer"])
+    checkpoint.set_rng_states(ckpt["rng"], gen)
+    for name, value in ckpt["run"].items():
+        setattr(run, name, value)
+    return optim.steps

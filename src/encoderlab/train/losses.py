@@ -1,4 +1,4 @@
-"""Contrastive losses for aligning two embedding spaces (CLIP-style), aware of repeated contents.
+"""Contrastive losses for aligning two embedding spaces (CLIP's softmax, SigLIP's sigmoid), aware of repeated contents.
 
 A batch of (image, caption) pairs can hold the same caption for several images (or the same image twice). Treating
 those as negatives would push apart exactly what should match, so targets are built from content ids: every pair
@@ -53,3 +53,29 @@ def symmetric_infonce(
     if mask.shape != logits.shape:
         raise ValueError(f"positives must be [{len(img)}, {len(txt)}], got {tuple(mask.shape)}")
     return 0.5 * (_soft_cross_entropy(logits, mask) + _soft_cross_entropy(logits.T, mask.T))
+
+
+def sigmoid_loss(
+    img_emb: torch.Tensor,
+    txt_emb: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    positives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023): -1/|B| sum_ij log sigmoid(z_ij (t x_i.y_j + b)).
+
+    Every (image, text) pair of the batch is its own binary problem, z_ij = +1 for a positive and -1 otherwise, so
+    no softmax couples the rows; the sum is divided by the batch size, not by |B|^2, as in the paper. Embeddings are
+    L2-normalized here; ``logit_scale`` is t (already exponentiated) and ``logit_bias`` b (SigLIP starts at 10 and
+    -10, so the many negatives do not swamp the start). ``positives`` is a [B, B] mask as for ``symmetric_infonce``
+    (only where it is > 0 matters); None means the identity.
+    """
+    img = F.normalize(img_emb.float(), dim=-1)
+    txt = F.normalize(txt_emb.float(), dim=-1)
+    logits = logit_scale * img @ txt.T + logit_bias
+    if positives is None:
+        positives = torch.eye(len(img), len(txt), device=logits.device)
+    if positives.shape != logits.shape:
+        raise ValueError(f"positives must be [{len(img)}, {len(txt)}], got {tuple(positives.shape)}")
+    signs = 2.0 * (positives > 0).to(logits.dtype) - 1.0
+    return -F.logsigmoid(signs * logits).sum() / len(img)
