@@ -231,3 +231,41 @@ class Head:
     def n_trainable_params(self) -> int:
         """Learned numbers a training step would update (0 for training-free heads); used for cost reports."""
         return 0
+
+
+def zero_shot_rows(zero_shot: Any, y: np.ndarray, d: int, *, classes: Sequence[Any] | None = None,
+                   logit_scale: float | None = None, owner: str = "this head"
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(classes_, y index, class embeddings in classes_ order, logit scale)`` for a head built on a zero-shot one.
+
+    ``zero_shot`` is a fitted :class:`~encoderlab.heads.zeroshot.ZeroShotClassifier` (its ``classes_`` name the
+    rows, its ``logit_scale`` is used unless one is given) or an array of class embeddings [n_classes, d] whose rows
+    follow ``classes`` (default: the sorted unique labels of ``y``). Heads that start from the zero-shot classifier
+    (Tip-Adapter, Tip-Adapter-F, CLAP) share it, so they read it the same way and cover the same classes.
+    """
+    scale = logit_scale
+    names: Sequence[Any] | None = classes
+    if hasattr(zero_shot, "class_embeddings_"):  # a fitted ZeroShotClassifier
+        W = as_features(zero_shot.class_embeddings_, "zero_shot.class_embeddings_", d)
+        names = list(zero_shot.classes_)
+        if scale is None and getattr(zero_shot, "logit_scale", None) is not None:
+            scale = float(zero_shot.logit_scale)
+    elif hasattr(zero_shot, "fit") and hasattr(zero_shot, "decision_function"):
+        raise EncoderlabError(f"the zero-shot classifier given to {owner} is not fitted",
+                              "fit it on the prompt embeddings first")
+    else:
+        W = as_features(zero_shot, "zero_shot", d)
+    if names is None:
+        classes_, y_idx = encode_labels(y)
+        order = np.arange(len(classes_))
+    else:
+        labels = as_labels(list(names), len(names), "classes")
+        classes_, order = encode_labels(labels, "classes")
+        if len(classes_) != len(labels):
+            raise EncoderlabError("classes has repeated labels", "name each row of the zero-shot classifier once")
+        order = np.argsort(order, kind="stable")  # row of W for each sorted class
+        y_idx = index_labels(y, classes_, "y")
+    if W.shape[0] != len(classes_):
+        raise EncoderlabError(f"the zero-shot classifier has {W.shape[0]} rows for {len(classes_)} classes",
+                              "pass one row per class, in the order of the sorted labels (or pass classes=)")
+    return classes_, y_idx, W[order], float(100.0 if scale is None else scale)

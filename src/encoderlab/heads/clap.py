@@ -43,8 +43,8 @@ from ._base import (
     number_grid,
     val_arrays,
     val_score,
+    zero_shot_rows,
 )
-from .tip import TipAdapter
 
 #: multipliers of the class-adaptive penalty tried on validation data, strongest (nearest zero-shot) first
 DEFAULT_PENALTIES: tuple[float, ...] = (10.0, 3.0, 1.0, 0.3, 0.1, 0.0)
@@ -98,8 +98,8 @@ class ClassAdaptiveLinearProbe(Head):
         """Train on ``(X, y)``; choose the penalty on ``(X_val, y_val)`` (or a carve of ``X``); refit if asked."""
         X = as_features(X)
         y_arr = as_labels(y, X.shape[0])
-        # the same reading of the zero-shot classifier as Tip-Adapter (rows named by classes, logit scale)
-        classes_, y_idx, T, scale = TipAdapter._classifier(self, y_arr, X.shape[1])  # type: ignore[arg-type]
+        classes_, y_idx, T, scale = zero_shot_rows(self.zero_shot, y_arr, X.shape[1], classes=self.classes,
+                                                   logit_scale=self.logit_scale, owner=type(self).__name__)
         check_scoring(self.scoring)
         has_val = check_val_pair(X_val, y_val)
         # strongest first, whatever order they were given in: ties keep the head closest to zero-shot

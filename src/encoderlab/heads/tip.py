@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import EncoderlabError
 from ..normalize import normalize_rows
 from ._base import (
     MIN_VAL_ITEMS,
@@ -30,11 +29,10 @@ from ._base import (
     check_scoring,
     check_val_pair,
     class_counts,
-    encode_labels,
-    index_labels,
     number_grid,
     val_arrays,
     val_score,
+    zero_shot_rows,
 )
 
 #: default alpha grid: 0 (pure zero-shot, so tuning can reject an unhelpful cache) to 5 in steps of 0.25
@@ -90,34 +88,8 @@ class TipAdapter(Head):
         self.refit = refit
 
     def _classifier(self, y_arr: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """``(classes_, y index, class embeddings in classes_ order, logit scale)`` from the zero-shot part."""
-        zs = self.zero_shot
-        scale = self.logit_scale
-        names: Sequence[Any] | None = self.classes
-        if hasattr(zs, "class_embeddings_"):  # a fitted ZeroShotClassifier
-            W = as_features(zs.class_embeddings_, "zero_shot.class_embeddings_", d)
-            names = list(zs.classes_)
-            if scale is None and getattr(zs, "logit_scale", None) is not None:
-                scale = float(zs.logit_scale)
-        elif hasattr(zs, "fit") and hasattr(zs, "decision_function"):
-            raise EncoderlabError("the zero-shot classifier given to TipAdapter is not fitted",
-                                  "fit it on the prompt embeddings first")
-        else:
-            W = as_features(zs, "zero_shot", d)
-        if names is None:
-            classes_, y_idx = encode_labels(y_arr)
-            order = np.arange(len(classes_))
-        else:
-            labels = as_labels(list(names), len(names), "classes")
-            classes_, order = encode_labels(labels, "classes")
-            if len(classes_) != len(labels):
-                raise EncoderlabError("classes has repeated labels", "name each row of the zero-shot classifier once")
-            order = np.argsort(order, kind="stable")  # row of W for each sorted class
-            y_idx = index_labels(y_arr, classes_, "y")
-        if W.shape[0] != len(classes_):
-            raise EncoderlabError(f"the zero-shot classifier has {W.shape[0]} rows for {len(classes_)} classes",
-                                  "pass one row per class, in the order of the sorted labels (or pass classes=)")
-        return classes_, y_idx, W[order], float(100.0 if scale is None else scale)
+        return zero_shot_rows(self.zero_shot, y_arr, d, classes=self.classes, logit_scale=self.logit_scale,
+                              owner=type(self).__name__)
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> TipAdapter:
         """Build the cache from ``(X, y)`` and tune alpha, beta on ``(X_val, y_val)`` (or a carve of ``X``)."""

@@ -1,6 +1,6 @@
 """Rung ``coop``: CoOp (Zhou et al. 2022), a learned prompt context on the frozen text tower, few-shot.
 
-It runs through the head rungs' protocol (``rungs.probe._Protocol``), so its numbers are comparable to theirs item
+It runs through the head rungs' protocol (``rungs.probe.FewShotProtocol``), so its numbers are comparable to theirs item
 for item: k labelled images per class from train (seeded), early stopping (the number of epochs, its one knob) on
 min(k, 4) per class from val, no refit, mean ± std over seeds, a bootstrap interval over test items, per-item
 correctness for the paired Δ vs zero-shot. The "head" is ``CoopHead``: its ``fit`` learns the context on the cached
@@ -27,7 +27,7 @@ from ..results import RunResult, data_provenance
 from ..train.coop import CoopConfig, CoopFit, check_config, class_logits, fit_coop, prompt_features
 from .base import HeadContext, Rung, RungInputs, RungOptions, register_rung
 from .common import seen_in_training
-from .probe import FEW_SHOT_VAL_SHOTS, _Protocol, check_few_shot
+from .probe import FEW_SHOT_VAL_SHOTS, FewShotProtocol, check_few_shot
 
 
 class CoopHead(Head):
@@ -102,7 +102,7 @@ def run_coop(
         return head
 
     rung = dataclasses.replace(RUNG, make_head=make_head)
-    run = _Protocol(rung, emb, lambda s, refit: HeadContext(seed=s, refit=refit), n_boot, seed)
+    run = FewShotProtocol(rung, emb, lambda s, refit: HeadContext(seed=s, refit=refit), n_boot, seed)
     last = None
     for k in ks:
         current["k"] = k

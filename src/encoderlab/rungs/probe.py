@@ -126,7 +126,7 @@ def _record(head: Any, setting: str, tr: np.ndarray, va: np.ndarray | None, fit_
 
 
 @dataclass
-class _Protocol:
+class FewShotProtocol:
     """One head rung's run over the full split and the few-shot settings, accumulating what the result holds."""
 
     rung: Rung
@@ -268,7 +268,7 @@ def run_probe(
         return HeadContext(seed=s, refit=refit, class_weight=class_weight, selection=selection,
                            zero_shot_factory=zero_shot if "dual" in rung.needs else None)
 
-    run = _Protocol(rung, emb, context, n_boot, seed, selection)
+    run = FewShotProtocol(rung, emb, context, n_boot, seed, selection)
     full_head = run.full() if full else None
     last = None
     for k in ks:
