@@ -208,7 +208,7 @@ def test_online_but_unreachable_hub_gives_the_same_message(monkeypatch, kind):
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("encoderlab.encoders.hf.hub_reachable", lambda: True)  # online: the load itself fails
+    monkeypatch.setattr("encoderlab.encoders.hf_loading.hub_reachable", lambda: True)  # online: the load itself fails
     monkeypatch.setattr(AutoConfig, "from_pretrained", fail)
     with pytest.raises(EncoderlabError, match=r"openai/clip-vit-base-patch32.*hub could not be reached"):
         create_encoder("hf:openai/clip-vit-base-patch32", device="cpu")

@@ -15,6 +15,7 @@ import torch
 
 from encoderlab.encoders import create_encoder
 from encoderlab.encoders import hf as hf_module
+from encoderlab.encoders import hf_loading
 from encoderlab.errors import EncoderlabError
 
 TOKENIZER_VOCAB = ("vocab.json", "merges.txt", "tokenizer.json")
@@ -44,7 +45,7 @@ def assert_names_each_file_once(message: str) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_hub_probe(monkeypatch):
     """Each test decides itself whether the hub is reachable; none touches the network."""
-    monkeypatch.setattr(hf_module, "_hub_reachable", None, raising=False)
+    monkeypatch.setattr(hf_loading, "_hub_reachable", None, raising=False)
 
 
 # ---- tokenizers ---------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def test_complete_directories_still_load(tiny_clip_dir, tiny_siglip_dir, tiny_al
 def test_a_tokenizer_that_maps_every_text_to_unknown_tokens_is_refused(tiny_clip_dir, tmp_path, monkeypatch):
     """The check after loading: what a hub repo without tokenizer files gives (no file check covers a hub id)."""
     d = copy_without(tiny_clip_dir, tmp_path / "clip", *TOKENIZER_VOCAB)
-    monkeypatch.setattr(hf_module, "check_model_dir", lambda path, what: None)
+    monkeypatch.setattr(hf_loading, "check_model_dir", lambda path, what: None)
     msg = error_of(f"hf:{d}")
     assert "has no usable vocabulary" in msg and "'a photo of a cat'" in msg and "same embedding" in msg
 
@@ -219,7 +220,7 @@ def test_loading_prints_nothing_and_restores_the_library_settings(tiny_clip_dir,
     from transformers.utils import logging as tf_logging
 
     monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
-    monkeypatch.delenv(hf_module.VERBOSE_ENV, raising=False)
+    monkeypatch.delenv(hf_loading.VERBOSE_ENV, raising=False)
     before = (tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled(), are_progress_bars_disabled())
     capfd.readouterr()
     create_encoder(f"hf:{tiny_clip_dir}", device="cpu")  # its config warns about bos_token_id; weights show a bar
@@ -231,7 +232,7 @@ def test_loading_prints_nothing_and_restores_the_library_settings(tiny_clip_dir,
 
 
 def test_verbose_env_keeps_the_libraries_output(tiny_clip_dir, capfd, monkeypatch):
-    monkeypatch.setenv(hf_module.VERBOSE_ENV, "1")
+    monkeypatch.setenv(hf_loading.VERBOSE_ENV, "1")
     capfd.readouterr()
     create_encoder(f"hf:{tiny_clip_dir}", device="cpu")
     assert "Loading weights" in capfd.readouterr().err

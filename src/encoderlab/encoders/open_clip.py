@@ -21,7 +21,7 @@ import torch
 from ..errors import EncoderlabError, close_matches
 from ..normalize import normalize_rows
 from .base import Encoder, ImageTransform, inference_context, state_dict_digest
-from .hf import hub_errors
+from .hf_loading import hub_errors
 from .registry import register_prefix
 from .trainable import ModelBackedTrainable, TowerLayout, TowerModule
 
