@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from encoderlab.encoders import create_encoder
+from encoderlab.encoders import create_encoder, hf_loading
 from encoderlab.encoders import hf as hf_module
-from encoderlab.encoders import hf_loading
 from encoderlab.errors import EncoderlabError
 
 TOKENIZER_VOCAB = ("vocab.json", "merges.txt", "tokenizer.json")
