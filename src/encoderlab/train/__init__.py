@@ -1,8 +1,15 @@
-"""Training: one loop (``loop.fit``, with ``checkpoint``s), lr schedules, contrastive losses, LiT-style alignment."""
+"""Training: one loop (``loop.fit``, with ``checkpoint``s and data-parallel ``distributed``), lr schedules,
+contrastive losses, augmentation, LiT-style alignment."""
 
 from .align import AlignConfig, AlignResult, align_encoders, evaluate_retrieval
 from .loop import FitResult, LoopSettings, decay_groups, fit
-from .losses import contrastive_targets, sigmoid_loss, symmetric_infonce
+from .losses import (
+    contrastive_targets,
+    sigmoid_loss,
+    sigmoid_loss_global,
+    symmetric_infonce,
+    symmetric_infonce_global,
+)
 from .schedule import lr_at
 
 __all__ = [
@@ -17,5 +24,7 @@ __all__ = [
     "fit",
     "lr_at",
     "sigmoid_loss",
+    "sigmoid_loss_global",
     "symmetric_infonce",
+    "symmetric_infonce_global",
 ]

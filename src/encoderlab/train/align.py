@@ -54,9 +54,9 @@ from ..extract.embeddings import caption_pairs, image_embeddings, text_embedding
 from ..hashing import json_digest, text_key
 from ..metrics.retrieval import retrieval_metrics
 from ..store import EmbeddingStore
-from . import checkpoint
+from . import checkpoint, distributed
 from .loop import FitResult, LoopSettings, decay_groups, fit, run_settings
-from .losses import contrastive_targets, symmetric_infonce
+from .losses import contrastive_targets, symmetric_infonce, symmetric_infonce_global
 from .schedule import check_schedule
 
 INIT_LOGIT_SCALE = 1 / 0.07  # CLIP's initial temperature
@@ -336,11 +336,14 @@ def _train_heads(tr: PairFeatures, va: PairFeatures, cfg: AlignConfig, dev: torc
     tr_img, tr_txt = tr.images.to(dev), tr.texts.to(dev)
     pi_all, pt_all, ids_all = torch.from_numpy(pair_img), torch.from_numpy(tr.pair_txt), torch.from_numpy(tr.img_ids)
 
+    data_parallel = distributed.active()  # under torchrun: negatives from every rank's share of the batch
+
     def step(idx: torch.Tensor) -> torch.Tensor:
         pi, pt = pi_all[idx], pt_all[idx]
-        mask = contrastive_targets(ids_all[pi], pt).to(dev)
-        return symmetric_infonce(model.heads["image"](tr_img[pi.to(dev)]), model.heads["text"](tr_txt[pt.to(dev)]),
-                                 model.logit_scale.exp(), mask)
+        zi, zt = model.heads["image"](tr_img[pi.to(dev)]), model.heads["text"](tr_txt[pt.to(dev)])
+        if data_parallel:
+            return symmetric_infonce_global(zi, zt, model.logit_scale.exp(), ids_all[pi].to(dev), pt.to(dev))
+        return symmetric_infonce(zi, zt, model.logit_scale.exp(), contrastive_targets(ids_all[pi], pt).to(dev))
 
     def evaluate() -> tuple[float, dict[str, float]]:
         scale = model.logit_scale.detach().exp().item()

@@ -11,6 +11,10 @@ One file, ``checkpoint.pt``, in the directory the client passes, replaced throug
 at any moment leaves the previous checkpoint readable. It records the settings of its run (everything that changes
 the result), so a resume under other settings fails before any work, naming the values that differ. A finished
 run leaves a last checkpoint marked ``complete``; resuming it returns the finished result and never trains more.
+
+A data-parallel run's checkpoint is written by rank 0 alone; everything but the RNGs and the running loss is the same
+on every rank, so those come as one entry per rank under ``ranks`` (rank r resumes from ``ranks[r]``), and the run's
+number of processes is among the settings (``world``, absent for one process).
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ the parameter groups, and an evaluation callback (a validation metric, higher is
 shuffles indices with its own seeded generator, so a fit is deterministic for a seed and leaves the global RNG alone
 (a resume restores it to where the interrupted run had it). The trainable state of the best epoch is kept and
 loaded back at the end. Checkpoints are ``checkpoint``'s business; the loop only says when and what.
+
+Under torchrun (an initialised process group, see ``distributed``) the same fit runs data-parallel: every rank
+draws the same permutation, trains on its shard of every batch, and the gradients are averaged over ranks before
+each optimizer step, so the ranks stay identical and the run follows the single-process one on the same global
+batches. All ranks evaluate; rank 0's metric is broadcast, so early stopping agrees everywhere. Only rank 0 writes
+checkpoints (with every rank's RNG states); every rank resumes from the same file.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from ..errors import EncoderlabError
 from ..progress import progress_bar
 from . import checkpoint
+from . import distributed as dp
 from .schedule import capped_warmup, check_schedule, lr_at, steps_per_epoch
 
 #: name fragments of parameters that get no weight decay (besides every parameter with fewer than 2 dims); CoOp's
@@ -93,6 +100,7 @@ class FitResult:
     warmup_steps: int
     precision: str = "fp32"
     resumed_at: int = 0  # optimizer steps restored from a checkpoint (0: started fresh)
+    world: int = 1  # processes that trained together (data-parallel when > 1)
 
 
 def decay_groups(
@@ -199,6 +207,7 @@ def fit(
     checkpoint_every: int | None = None,
     resume: bool = True,
     run_config: dict[str, Any] | None = None,
+    distributed: bool | None = None,
 ) -> FitResult:
     """Train ``model`` for up to ``settings.epochs`` epochs over ``n_items`` items; keep the best val epoch.
 
@@ -212,6 +221,12 @@ def fit(
     optimizer steps; ``resume`` continues from it (failing first when ``settings``, the data size, the trainable
     parameters or the client's ``run_config``, a JSON-able record of what else changes the result, differ), or
     starts over. The finished run's checkpoint is marked complete: fitting again returns the same result at once.
+
+    ``distributed``: None trains data-parallel when a process group of several processes is initialised (torchrun
+    and ``distributed.init_from_env``), True requires one, False trains this process alone even inside one. Then
+    ``settings.batch_size`` is the global batch: each rank's ``step`` gets its equal share of every batch (a
+    contrastive step gathers the others' with ``losses.symmetric_infonce_global``), ``n_items % world`` items of
+    each epoch's permutation are left out (``distributed.shard_indices``), and ``evaluate`` runs on every rank.
     """
     settings.check()
     if n_items < 1:
@@ -219,32 +234,54 @@ def fit(
     if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
         raise EncoderlabError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}",
                               "pass e.g. checkpoint_every=100 optimizer steps, or None for epoch ends only")
-    n_batches = steps_per_epoch(n_items, settings.batch_size)
+    world, rank = _parallel(distributed)
+    if n_items < world:
+        raise EncoderlabError(f"{n_items} items cannot be shared by {world} processes",
+                              f"train on at least {world} items or start fewer processes")
+    if world > 1 and settings.batch_size < world:
+        raise EncoderlabError(f"batch_size {settings.batch_size} is smaller than the {world} processes sharing it",
+                              f"pass batch_size={world} or more (it is the global batch, split across processes)")
+    n_used = n_items - n_items % world  # what the ranks' equal shards cover
+    n_batches = steps_per_epoch(n_used, settings.batch_size)
     optim = ScheduledAdamW(param_groups, settings, settings.epochs * math.ceil(n_batches / settings.accumulate))
     gen = torch.Generator().manual_seed(settings.seed)  # its own stream: the global RNG is left alone
     run, resumed_at = RunState(), 0
     # everything that changes the result: a checkpoint written under other values is refused, not resumed
     expected = {"loop": run_settings(settings, optim.precision), "items": n_items, "client": run_config or {},
                 "trainable": {k: list(v.shape) for k, v in checkpoint.trainable_state(model).items()}}
+    if world > 1:  # other shards, other batches: a checkpoint of another world size does not continue this run
+        expected["world"] = world
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
-        resumed_at = _restore(checkpoint_dir, expected, resume, model, optim, gen, run)
+        resumed_at = _restore(checkpoint_dir, expected, resume, model, optim, gen, run, world, rank)
+    if world > 1:  # what DDP does at construction: every rank starts from rank 0's weights
+        dp.broadcast_tensors(list(checkpoint.trainable_state(model).values()))
 
     def save() -> None:
-        if checkpoint_dir is not None:
-            state = {"model": checkpoint.trainable_state(model), "optimizer": optim.state_dict()}
-            checkpoint.save(checkpoint_dir, {"settings": checkpoint.plain(expected), "run": dict(vars(run)), **state,
-                                             "rng": checkpoint.rng_states(gen)})
+        if checkpoint_dir is None:
+            return
+        payload: dict[str, Any] = {"rng": checkpoint.rng_states(gen)}
+        if world > 1:
+            _sync_buffers(model)  # rank 0's buffers are saved: make them everyone's, so a resume changes nothing
+            # each rank's own RNGs and running loss; the rest of the state is the same on every rank
+            payload["ranks"] = dp.gather_objects({"rng": payload["rng"], "loss_sum": run.loss_sum})
+        if rank == 0:
+            payload.update(settings=checkpoint.plain(expected), run=dict(vars(run)),
+                           model=checkpoint.trainable_state(model), optimizer=optim.state_dict())
+            checkpoint.save(checkpoint_dir, payload)
+        if world > 1:  # no rank runs ahead of a checkpoint that may not exist yet
+            dp.barrier()
 
     acc = settings.accumulate
     remaining = 0 if run.complete else (settings.epochs - run.epoch + 1) * n_batches - run.position
-    bar = progress_bar(remaining, "batch", progress, desc=desc)  # batches, not epochs: an ETA that moves
+    bar = progress_bar(remaining, "batch", progress and rank == 0, desc=desc)  # batches, not epochs: an ETA that moves
     try:
         while not run.complete:
             epoch, started = run.epoch, time.perf_counter() - run.seconds
             if run.order is None:
                 run.order = torch.randperm(n_items, generator=gen)
-            batches = torch.tensor_split(run.order, n_batches)
+            # this rank's shard in as many batches as every rank: batch b of the run is the union of the ranks' b
+            batches = torch.tensor_split(dp.shard_indices(run.order, rank, world), n_batches)
             seen = sum(len(b) for b in batches[: run.position])
             model.train()
             for b in range(run.position, n_batches):
@@ -260,6 +297,8 @@ def fit(
                 bar.update(1)
                 if b + 1 < first + size:
                     continue
+                if world > 1:
+                    dp.average_gradients(optim.params)  # before clipping: the ranks clip the same total norm
                 optim.step()
                 if after_step is not None:
                     after_step()
@@ -270,8 +309,14 @@ def fit(
                     run.seconds = time.perf_counter() - started
                     save()
             model.eval()
+            loss_sum = run.loss_sum
+            if world > 1:
+                _sync_buffers(model)
+                loss_sum = dp.sum_float(loss_sum, optim.device)  # the local losses are means over equal shards
             metric, fields = evaluate()
-            record = {"epoch": epoch, "train_loss": run.loss_sum / n_items, **fields}
+            if world > 1:  # rank 0's numbers everywhere: the same history, best epoch and stopping decision
+                metric, fields = dp.broadcast_object((metric, fields))
+            record = {"epoch": epoch, "train_loss": loss_sum / n_used, **fields}
             record.setdefault("val_metric", metric)
             record.update(lr=optim.lr(optim.steps - 1), seconds=time.perf_counter() - started)
             run.history.append({k: v.item() if hasattr(v, "item") else v for k, v in record.items()})  # no numpy
@@ -288,23 +333,54 @@ def fit(
     metric, best_epoch, state = run.best
     checkpoint.load_trainable_state(model, state)
     return FitResult(run.history, best_epoch, metric, copy.deepcopy(model.state_dict()), optim.total_steps,
-                     optim.warmup, optim.precision, resumed_at)
+                     optim.warmup, optim.precision, resumed_at, world)
+
+
+def _parallel(distributed: bool | None) -> tuple[int, int]:
+    """(world, rank) of this fit: the process group's when it trains data-parallel, else (1, 0)."""
+    if distributed is None:
+        distributed = dp.active()
+    if not distributed:
+        return 1, 0
+    if not dp.active():
+        raise EncoderlabError("fit(distributed=True) needs an initialised process group of 2 or more processes",
+                              "launch with torchrun --nproc_per_node N and call train.distributed.init_from_env()")
+    return dp.world(), dp.rank()
+
+
+def _sync_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (norm statistics) on every rank, as DDP's ``broadcast_buffers`` keeps them."""
+    dp.broadcast_tensors(list(model.buffers()))
 
 
 def _restore(directory: Path, expected: dict[str, Any], resume: bool, model: torch.nn.Module,
-             optim: ScheduledAdamW, gen: torch.Generator, run: RunState) -> int:
-    """Continue from the checkpoint in ``directory`` (its settings checked first); returns the steps restored."""
-    checkpoint.remove_stale_temps(directory)
+             optim: ScheduledAdamW, gen: torch.Generator, run: RunState, world: int = 1, rank: int = 0) -> int:
+    """Continue from the checkpoint in ``directory`` (its settings checked first); returns the steps restored.
+
+    Data-parallel, rank 0 alone tidies the directory; then every rank reads the same file (one node, or storage
+    all nodes share) and takes the shared state from it and its own RNG states and running loss.
+    """
+    if rank == 0:
+        checkpoint.remove_stale_temps(directory)
+        if not resume:
+            checkpoint.remove(directory)
+    if world > 1:  # nobody reads what rank 0 is still removing
+        dp.barrier()
     if not resume:
-        checkpoint.remove(directory)
         return 0
     ckpt = checkpoint.load(directory)
     if ckpt is None:
         return 0
+    saved_world = ckpt["settings"].get("world", 1)
+    if saved_world != world:
+        raise EncoderlabError(f"checkpoint in {str(directory)!r} was written by {saved_world} process(es), this run "
+                              f"has {world}", f"resume with the same number of processes, or {checkpoint.FIX}")
     checkpoint.check_settings(ckpt, expected, directory)
     checkpoint.load_trainable_state(model, ckpt["model"])
     optim.load_state_dict(ckpt["optimizer"])
-    checkpoint.set_rng_states(ckpt["rng"], gen)
     for name, value in ckpt["run"].items():
         setattr(run, name, value)
+    own = ckpt["ranks"][rank] if world > 1 else {"rng": ckpt["rng"], "loss_sum": run.loss_sum}
+    checkpoint.set_rng_states(own["rng"], gen)
+    run.loss_sum = own["loss_sum"]
     return optim.steps

@@ -3,12 +3,17 @@
 A batch of (image, caption) pairs can hold the same caption for several images (or the same image twice). Treating
 those as negatives would push apart exactly what should match, so targets are built from content ids: every pair
 sharing the image or the caption is a positive, and the cross-entropy target spreads evenly over the positives.
+
+Data-parallel training gathers the negatives of every process: the ``_global`` variants compute this rank's rows
+of the global batch's loss against every rank's embeddings, with gradients equal to one process's on that batch.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import distributed
 
 
 def contrastive_targets(img_ids: torch.Tensor, txt_ids: torch.Tensor) -> torch.Tensor:
@@ -78,4 +83,82 @@ def sigmoid_loss(
     if positives.shape != logits.shape:
         raise ValueError(f"positives must be [{len(img)}, {len(txt)}], got {tuple(positives.shape)}")
     signs = 2.0 * (positives > 0).to(logits.dtype) - 1.0
+    return -F.logsigmoid(signs * logits).sum() / len(img)
+
+
+# ---- data-parallel: every rank's rows against the gallery of all ranks ---------------------------------------
+#
+# Rank r holds b of the global batch's B = W*b pairs. It gathers every rank's (normalized) embeddings with
+# gradients and computes only its own rows of the global logits: its b images against all B captions and its b
+# captions against all B images. Its loss L_r is the mean over those rows, so the global loss is mean_r L_r, and
+# the single-process gradient is dL/dθ = (1/W) d(sum_r L_r)/dθ. The gather's backward sums the ranks' gradients of
+# each gathered slice (``all_gather_with_grad``), so rank k's backward yields d(sum_r L_r)/dθ through its own
+# features (plus dL_k/dθ for parameters used directly, such as the temperature, whose sum over k is again the full
+# derivative); averaging over ranks (``loop.fit``'s ``average_gradients``, or DDP's all-reduce, which also averages)
+# divides by W: exactly the single-process gradient. No loss scaling by W is needed, and none may be added.
+
+
+def _gathered_rows(img_emb: torch.Tensor, txt_emb: torch.Tensor, img_ids: torch.Tensor | None,
+                   txt_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Normalized local embeddings, all ranks' embeddings, and the [b, B] positives of the local rows."""
+    img = F.normalize(img_emb.float(), dim=-1)
+    txt = F.normalize(txt_emb.float(), dim=-1)
+    if img.shape != txt.shape:
+        raise ValueError(f"image and text embeddings must have equal shapes, got {img.shape} and {txt.shape}")
+    # one collective for both towers: half the latency, and no ordering of two gathers' backwards to agree on
+    both = distributed.all_gather_with_grad(torch.cat([img, txt], dim=1))
+    all_img, all_txt = both.split(img.shape[1], dim=1)
+    offset = distributed.rank() * len(img)
+    if img_ids is None and txt_ids is None:
+        rows = torch.arange(offset, offset + len(img), device=img.device)
+        pos = rows[:, None] == torch.arange(len(all_img), device=img.device)[None, :]
+    else:
+        if img_ids is None or txt_ids is None or img_ids.shape != txt_ids.shape or img_ids.shape != (len(img),):
+            raise ValueError(f"img_ids and txt_ids must both be given, 1-D of length {len(img)}")
+        ids = torch.stack([img_ids, txt_ids], dim=1).to(img.device)
+        all_ids = distributed.all_gather(ids)
+        # the positives of ``contrastive_targets``, only our rows: (a, b) share the image or the caption
+        pos = (ids[:, None, 0] == all_ids[None, :, 0]) | (ids[:, None, 1] == all_ids[None, :, 1])
+    return img, txt, all_img, all_txt, pos
+
+
+def symmetric_infonce_global(
+    img_emb: torch.Tensor,
+    txt_emb: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    img_ids: torch.Tensor | None = None,
+    txt_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``symmetric_infonce`` over the global batch of all ranks; this rank's share, whose mean over ranks is the loss.
+
+    ``img_ids`` / ``txt_ids`` are the local pairs' content ids (as for ``contrastive_targets``), gathered for the
+    multi-positive mask; None for both means the identity. Every rank passes the same number of pairs. Without an
+    active process group it is ``symmetric_infonce(img, txt, scale, contrastive_targets(img_ids, txt_ids))``; with
+    one it gathers (and must be called by every rank), also inside ``fit(distributed=False)``.
+    """
+    img, txt, all_img, all_txt, pos = _gathered_rows(img_emb, txt_emb, img_ids, txt_ids)
+    mask = pos.float()
+    # the mask is symmetric in (image, caption) roles, so the local captions' rows against all images use it as is
+    i2t = _soft_cross_entropy(logit_scale * img @ all_txt.T, mask)
+    t2i = _soft_cross_entropy(logit_scale * txt @ all_img.T, mask)
+    return 0.5 * (i2t + t2i)
+
+
+def sigmoid_loss_global(
+    img_emb: torch.Tensor,
+    txt_emb: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    img_ids: torch.Tensor | None = None,
+    txt_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sigmoid_loss`` over the global batch of all ranks: this rank's images against every rank's captions.
+
+    Each (image, caption) pair of the global batch is counted once, by the rank holding the image; dividing the
+    local sum by the local batch size b makes the mean over ranks ``sum / B``, the single-process loss. Ids and the
+    calling rules are those of ``symmetric_infonce_global``.
+    """
+    img, _, _, all_txt, pos = _gathered_rows(img_emb, txt_emb, img_ids, txt_ids)
+    logits = logit_scale * img @ all_txt.T + logit_bias
+    signs = 2.0 * pos.to(logits.dtype) - 1.0
     return -F.logsigmoid(signs * logits).sum() / len(img)
