@@ -23,7 +23,7 @@ $(VENV)/.stamp-core: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-core
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,finetune]"
 	touch $@
 
 setup: $(VENV)/.stamp-core

@@ -22,10 +22,10 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import EncoderlabError
-from . import align, coop, data, embed, encoders, rungs, store
+from . import align, coop, data, embed, encoders, finetune, rungs, store
 from .options import FORMATTER, examples, remove_unused_run_dir
 
-COMMAND_GROUPS = (encoders, data, store, embed, rungs, align, coop)
+COMMAND_GROUPS = (encoders, data, store, embed, rungs, align, coop, finetune)
 
 #: ``--help`` examples of the parsers that only group subcommands (registered in their modules without any)
 GROUP_EXAMPLES = {

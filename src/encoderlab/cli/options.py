@@ -68,6 +68,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def smoothing(text: str) -> float:
+    """Label smoothing: a number in [0, 1) (0 = plain cross-entropy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), e.g. 0.1, got {text!r}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number strictly between 0 and 1 (a share of the items)."""
     try:

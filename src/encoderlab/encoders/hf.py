@@ -73,6 +73,41 @@ DUAL_LAYOUTS: dict[str, dict[str, TowerLayout]] = {
     },
 }
 
+def _single(embeddings: str, blocks: str, *after: str) -> TowerLayout:
+    return TowerLayout(before=(("embeddings", (embeddings,)),), blocks=blocks, after=tuple((a, (a,)) for a in after))
+
+
+_VIT = (_single("embeddings", "layers", "layernorm", "pooler"),  # transformers 5: ViTModel.layers
+        _single("embeddings", "encoder.layer", "layernorm", "pooler"))  # transformers 4: ViTModel.encoder.layer
+_BERT = (_single("embeddings", "encoder.layer", "pooler"),)
+#: single-tower layouts by ``model_type``, input -> output (embeddings -> blocks / stages -> final norm, pooler);
+#: several candidates where transformers versions name the blocks differently (the first that exists is used).
+#: A ResNet's "blocks" are its stages; its pooler is a parameter-free average pool.
+SINGLE_LAYOUTS: dict[str, tuple[TowerLayout, ...]] = {
+    "vit": _VIT,
+    "deit": _VIT,
+    "dinov2": (_single("embeddings", "encoder.layer", "layernorm"),),
+    "dinov2_with_registers": (_single("embeddings", "encoder.layer", "layernorm"),),
+    "resnet": (_single("embedder", "encoder.stages", "pooler"),),
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+}
+
+
+def single_layout(model: torch.nn.Module, model_type: str, spec: str) -> TowerLayout:
+    """The layout of a one-tower model, or an error naming the family and the ones with a block map."""
+    for layout in SINGLE_LAYOUTS.get(model_type, ()):
+        try:
+            model.get_submodule(layout.blocks)
+        except AttributeError:
+            continue
+        return layout
+    known = ", ".join(sorted(SINGLE_LAYOUTS))
+    raise EncoderlabError(f"{spec!r} is a {model_type!r} model, which has no block map for training (known: {known})",
+                          "train only the classifier (--train heads), or use a family with a block map")
+
+
 #: model types whose image input is not a fixed-size [C,H,W] tensor, with what to use instead
 UNSUPPORTED_DUAL: dict[str, str] = {
     "siglip2": "NaFlex SigLIP 2 (model_type siglip2) takes variable-size patch sequences, which this adapter does "
@@ -383,8 +418,11 @@ def _load_single_tower(model_id: str) -> tuple[Any, Any, list[str]]:
     return config, model, missing
 
 
-class HFVisionEncoder(_HFEncoder):
-    """Any AutoModel vision backbone; the embedding is pooled per ``VISION_POOLING`` (or ``?pool=``)."""
+class HFVisionEncoder(ModelBackedTrainable, _HFEncoder):
+    """Any AutoModel vision backbone; the embedding is pooled per ``VISION_POOLING`` (or ``?pool=``).
+
+    Trainable (``encoders.trainable``) for the families of ``SINGLE_LAYOUTS``; the whole model is the image tower.
+    """
 
     adapter = "hf-vision"
 
@@ -434,6 +472,32 @@ class HFVisionEncoder(_HFEncoder):
     def _preprocessing_parts(self) -> dict[str, Any]:
         return {"image_processor": self.image_transform().config(), "pooling": self.pool}
 
+    # ---- the trainable contract: the same pooled features, with gradients -----------------------------------
+    def tower_layout(self, tower: str) -> TowerLayout:
+        """The backbone's layout (``SINGLE_LAYOUTS``); "image" is its only tower."""
+        if tower != "image":
+            raise EncoderlabError(f"{self.spec!r} has no {tower} tower", "use image")
+        return single_layout(self.model, self.model_type, self.spec)
+
+    def image_module(self) -> TowerModule:
+        """Pixel values -> pooled features, as in ``encode_pixels`` but fp32 and with gradients."""
+
+        def features(pixel_values: torch.Tensor) -> torch.Tensor:
+            x = self._pixels(pixel_values)
+            out = self.model(pixel_values=x)
+            return pool_vision_output(out, self.pool, self._prefix_tokens(out, x))
+
+        return TowerModule(self.model, self.tower_layout("image"), features, on_train=self._weights_changed)
+
+    def text_module(self) -> TowerModule:
+        raise EncoderlabError(f"{self.spec!r} has no text tower", "use a dual encoder (hf:) for text training")
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        raise EncoderlabError(f"{self.spec!r} has no text tower", "use a dual encoder (hf:) for text inputs")
+
+    def _weights_changed(self) -> None:
+        self._parts = None  # the weight digest is recomputed on the next fingerprint
+
 
 def _patch_size(config: Any) -> int | None:
     p = getattr(config, "patch_size", None)
@@ -461,8 +525,11 @@ def pool_vision_output(out: Any, pool: str, prefix_tokens: int) -> torch.Tensor:
     return hidden[:, prefix_tokens:].mean(dim=1)
 
 
-class HFTextEncoder(_HFEncoder):
-    """Any AutoModel text encoder: mean over the attention mask (default) or the first token (``?pool=cls``)."""
+class HFTextEncoder(ModelBackedTrainable, _HFEncoder):
+    """Any AutoModel text encoder: mean over the attention mask (default) or the first token (``?pool=cls``).
+
+    Trainable (``encoders.trainable``) for the families of ``SINGLE_LAYOUTS``; the whole model is the text tower.
+    """
 
     adapter = "hf-text"
 
@@ -493,6 +560,28 @@ class HFTextEncoder(_HFEncoder):
 
     def _preprocessing_parts(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenization.config(), "pooling": self.pool}
+
+    # ---- the trainable contract: the same pooled features, with gradients -----------------------------------
+    def tower_layout(self, tower: str) -> TowerLayout:
+        """The encoder's layout (``SINGLE_LAYOUTS``); "text" is its only tower."""
+        if tower != "text":
+            raise EncoderlabError(f"{self.spec!r} has no {tower} tower", "use text")
+        return single_layout(self.model, self.model_type, self.spec)
+
+    def text_module(self) -> TowerModule:
+        """``tokenize`` dict -> pooled features, as in ``encode_text_batch`` but with gradients."""
+
+        def features(tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            batch = self._to_device(dict(tokens))
+            return pool_text_output(self.model(**batch).last_hidden_state, batch["attention_mask"], self.pool)
+
+        return TowerModule(self.model, self.tower_layout("text"), features, on_train=self._weights_changed)
+
+    def image_module(self) -> TowerModule:
+        raise EncoderlabError(f"{self.spec!r} has no image tower", "use an image encoder for image training")
+
+    def _weights_changed(self) -> None:
+        self._parts = None  # the weight digest is recomputed on the next fingerprint
 
 
 def pool_text_output(hidden: torch.Tensor, attention_mask: torch.Tensor, pool: str) -> torch.Tensor:

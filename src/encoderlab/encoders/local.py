@@ -34,7 +34,8 @@ class LocalKind:
 
 #: kind name in ``encoderlab.json`` -> its loader; the builtin kinds register when their module is imported
 LOCAL_KINDS: Registry[LocalKind] = Registry(
-    "saved model kind", builtins=("encoderlab.encoders.aligned", "encoderlab.encoders.prompted"))
+    "saved model kind",
+    builtins=("encoderlab.encoders.aligned", "encoderlab.encoders.prompted", "encoderlab.encoders.finetuned"))
 
 
 def register_local_kind(kind: str, loader: LocalLoader, *, description: str) -> LocalKind:

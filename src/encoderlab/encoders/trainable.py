@@ -1,7 +1,8 @@
 """The trainable-encoder contract: grad-enabled towers for prompt learning, partial fine-tuning and LoRA.
 
 An ``Encoder`` runs under ``inference_mode``; a trainer needs the same computation with gradients. Adapters that
-opt in (``hf:`` CLIP / SigLIP / ALIGN, ``open_clip:`` ViT models) expose each tower as a ``torch.nn.Module`` mapping
+opt in (``hf:`` CLIP / SigLIP / ALIGN, ``open_clip:`` ViT models, ``hf-vision:`` ViT / DeiT / DINOv2 / ResNet and
+``hf-text:`` BERT-family single towers) expose each tower as a ``torch.nn.Module`` mapping
 pixel values / token dicts to the *projected* features ``encode_pixels`` / ``encode_text_batch`` return, and their
 parameters as groups ordered input -> output, so "unfreeze the last N" is ``groups[-N:]``.
 
@@ -19,7 +20,8 @@ import torch
 
 from ..errors import EncoderlabError
 
-TRAINABLE_KINDS = "hf: dual encoders (CLIP, SigLIP, ALIGN) and open_clip: ViT models"
+TRAINABLE_KINDS = ("hf: dual encoders (CLIP, SigLIP, ALIGN), open_clip: ViT models, hf-vision: ViT / DeiT / DINOv2 / "
+                   "ResNet backbones and hf-text: BERT-family encoders")
 ParameterGroups = list[tuple[str, list[torch.nn.Parameter]]]
 
 

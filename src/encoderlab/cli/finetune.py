@@ -1,0 +1,116 @@
+"""``encoderlab finetune``: fine-tune an image tower with a classifier; ``--out DIR`` is the model (local:DIR)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import EncoderlabError
+from .options import (
+    add_parser,
+    add_prompt_options,
+    add_run_options,
+    check_spec,
+    class_names,
+    load_data,
+    make_encoder,
+    open_store,
+    positive_float,
+    positive_int,
+    progress,
+    say,
+    smoothing,
+    warn,
+)
+
+
+def register(sub: Any) -> None:
+    from ..train.finetune import DEFAULT_LR, FinetuneConfig
+
+    d = FinetuneConfig()
+    lrs = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+    p = add_parser(sub, "finetune", "fine-tune the image tower with a classifier (zero-shot head for dual encoders, "
+                                    "LP-FT for single towers); --out saves a model that loads as local:DIR",
+                   "encoderlab finetune --encoder hf:openai/clip-vit-base-patch32 --data emoji --objective classify "
+                   "--train heads --out ~/models/emoji-heads\n"
+                   "encoderlab finetune --encoder hf:openai/clip-vit-base-patch32 --data emoji --train last:2 "
+                   "--epochs 5 --out ~/models/emoji-last2\n"
+                   "encoderlab finetune --encoder hf-vision:facebook/dinov2-small --data folder:~/pets --train "
+                   "lora:4 --label-smoothing 0.1 --out ~/models/pets-lora --json\n"
+                   "encoderlab zeroshot --encoder local:~/models/emoji-last2 --data emoji   # the tuned image tower")
+    p.add_argument("--objective", choices=["classify"], default="classify",
+                   help="training objective: classify (cross-entropy on the labels; default: %(default)s)")
+    p.add_argument("--train", default=d.train, metavar="heads|last:N|lora:R|all",
+                   help="what trains: heads (towers locked), last:N (the image tower's last N parameter groups + "
+                        "head), lora:R (rank-R LoRA on attention q/k/v, merged), all (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs,
+                   help="maximum epochs, >= 1; the best on val accuracy is kept (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"AdamW learning rate, > 0 (default: {lrs})")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per step (default: "
+                                                                                  "%(default)s)")
+    p.add_argument("--patience", type=positive_int, default=d.patience,
+                   help="epochs without val improvement before stopping, >= 1 (default: %(default)s)")
+    p.add_argument("--label-smoothing", type=smoothing, default=d.label_smoothing,
+                   help="cross-entropy label smoothing in [0, 1) (default: %(default)s)")
+    p.add_argument("--freeze-norms", action="store_true",
+                   help="keep normalisation layers (LayerNorm / BatchNorm weights and statistics) fixed")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over instead of resuming an interrupted run's checkpoint")
+    add_prompt_options(p)
+    add_run_options(p)
+    p.set_defaults(func=cmd_finetune)
+    for action in p._actions:
+        if action.dest == "out":
+            action.required = True
+            action.help = ("the model directory to write, loadable as local:DIR; the test results go into DIR/eval "
+                           "(an existing fine-tuned model there is replaced, other files are kept)")
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    """Check everything, embed the frozen features, fine-tune, save the model and its test results."""
+    from ..encoders.finetuned import EVAL_NAME, check_output_dir
+    from ..extract import labelled_embeddings
+    from ..results import write_run
+    from ..results.run import check_out_dir
+    from ..results.tables import costs_line
+    from ..rungs.finetune import run_finetune, save_finetune
+    from ..train import checkpoint
+    from ..train.finetune import FinetuneConfig, plan_training
+
+    config = FinetuneConfig(objective=args.objective, train=args.train, epochs=args.epochs, lr=args.lr,
+                            batch_size=args.batch_size, patience=args.patience,
+                            label_smoothing=args.label_smoothing, freeze_norms=args.freeze_norms, seed=args.seed,
+                            precision="auto")
+    config.check()  # a bad --train / --label-smoothing fails before anything is read
+    check_spec(args.encoder)
+    model_dir = Path(args.out).expanduser()
+    check_output_dir(model_dir)
+    check_out_dir(model_dir, fix="pass an --out DIR in a directory you can write to")
+    store = open_store(args)
+    ds = load_data(args, whole=True).ensure_validation(seed=args.seed)
+    if not ds.classes:
+        raise EncoderlabError(f"dataset {ds.source!r} has no labels", "finetune --objective classify needs labels")
+    encoder = make_encoder(args)
+    plan_training(encoder, config)  # block map, N, LoRA targets: before extracting anything
+    emb = labelled_embeddings(encoder, ds, store, progress=progress(args))
+    work = checkpoint.work_dir(model_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    result, ft = run_finetune(encoder, emb, store, config=config, templates=args.templates,
+                              class_names=class_names(args), n_boot=args.n_boot, seed=args.seed,
+                              progress=progress(args), copy=False, checkpoint_dir=work, resume=not args.no_resume)
+    saved = save_finetune(model_dir, ft, emb, result)
+    write_run(result, saved / EVAL_NAME)
+    shutil.rmtree(work, ignore_errors=True)  # kept until the model is saved: a failed save resumes, not retrains
+    for note in result.config.get("notes", []):
+        warn(f"note: {note}")
+    out = result.to_json()
+    out.update(model_dir=str(saved), spec=f"local:{saved}", run_dir=str(saved / EVAL_NAME))
+    if not args.json:
+        m = result.metrics
+        say(f"finetune --train {ft.plan.spec}: test top-1 {m['top1']:.3f} [{m['top1_ci_low']:.3f}, "
+            f"{m['top1_ci_high']:.3f}], best epoch {ft.fitted.best_epoch} of {len(ft.fitted.history)}")
+        say(costs_line(result.costs))
+        say(f"model: {saved}  (use it as --encoder local:{saved})")
+    return out

@@ -1,0 +1,186 @@
+"""Rung ``finetune`` (level 4): fine-tune the image tower with a classifier on the full train split, report test.
+
+Protocol (recorded in the result's config): fit on ``train`` from the zero-shot head (dual encoders) or a linear
+probe (single towers, LP-FT), epochs chosen by early stopping on ``val`` accuracy, no refit on train + val (the
+model is the one chosen), report ``test``; the test split chooses nothing. The result has the probes' shape
+(metrics with intervals, per-item correctness under setting "full", costs), so ``compare`` shows it with its paired
+Δ vs zero-shot on the same test items. Few-shot settings are not run (a later step).
+
+The rung trains a fresh copy of the encoder (rebuilt from its spec), so the other rungs of a comparison keep the
+frozen one; ``encoderlab finetune`` trains its own encoder and saves it (``save_finetune``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.prompts import load_templates
+from ..encoders.base import Encoder, TrainingItems
+from ..errors import EncoderlabError
+from ..extract.labelled import LabelledEmbeddings
+from ..hashing import json_digest
+from ..metrics.classification import per_item_topk_correct
+from ..results import RunResult, data_provenance
+from ..store import EmbeddingStore
+from ..train.finetune import Augment, FinetuneConfig, FinetuneResult, finetune_classifier, plan_training
+from .base import Rung, RungInputs, RungOptions, register_rung
+from .common import encoder_cost, eval_split, evaluate, prediction_rows, seen_in_training
+from .costs import ms_per_item, peak_rss_mb
+
+#: what the rung trains when ``compare`` runs it (the CLI chooses with --train)
+RUNG_CONFIG = FinetuneConfig(train="all")
+PROTOCOL = {"full": "fit train from the zero-shot head (dual) or a linear probe (LP-FT), epochs by early stopping "
+                    "on val accuracy, no refit, report test",
+            "few_shot": "not run yet"}
+
+
+def fresh_copy(encoder: Encoder) -> Encoder:
+    """The same encoder rebuilt from its spec: training changes weights in place, the caller's must stay frozen."""
+    from ..encoders.registry import create_encoder
+
+    return create_encoder(encoder.spec, device=str(encoder.device), precision=encoder.precision)
+
+
+def run_finetune(
+    encoder: Encoder,
+    emb: LabelledEmbeddings,
+    store: EmbeddingStore,
+    *,
+    config: FinetuneConfig | None = None,
+    templates: str | Sequence[str] = "clip80",
+    class_names: Mapping[str, str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    encoder_ms: float | None = None,
+    progress: bool = False,
+    copy: bool = True,
+    augment: Augment | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = True,
+) -> tuple[RunResult, FinetuneResult]:
+    """Fine-tune (a copy of, unless ``copy=False``) ``encoder`` on ``emb``; returns the test result and the fit."""
+    from ..encoders.aligned import tower_fingerprint
+
+    config = config or FinetuneConfig(seed=seed)
+    plan = plan_training(encoder, config)  # every check before any work
+    test = eval_split(emb, "test")
+    template_list = load_templates(templates) if plan.head_init == "zeroshot" else []
+    base_fp = tower_fingerprint(encoder)
+    work = fresh_copy(encoder) if copy else encoder
+    tr, va = emb.index("train"), emb.index("val") if "val" in set(emb.split.tolist()) else np.zeros(0, np.int64)
+    run_config = {"base": base_fp, "train": str(plan.spec), "head_init": plan.head_init,
+                  "label_smoothing": config.label_smoothing, "freeze_norms": config.freeze_norms,
+                  "templates": json_digest(template_list), "data": json_digest([sorted(emb.ids[tr].tolist()),
+                                                                                sorted(emb.ids[va].tolist())])}
+    ft = finetune_classifier(work, emb, store, config, templates=template_list,
+                             class_names=dict(class_names) if class_names else None, augment=augment, plan=plan,
+                             progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, run_config=run_config)
+    ft.init["base_fingerprint"], ft.init["base_spec"] = base_fp, encoder.spec
+    scores = ft.scores(emb, "test", config.batch_size)
+    y = emb.y[test]
+    metrics = evaluate(y, scores, emb.classes, n_boot, seed)
+    feats = torch.zeros(len(test), int(ft.head.weight.shape[1]), device=ft.head.weight.device)
+    head_ms = ms_per_item(lambda: ft.head(feats), len(test))
+    enc_ms = encoder_ms if plan.spec.kind == "heads" else None  # a tuned tower is measured anew
+    costs: dict[str, Any] = {"fit_seconds": round(ft.fit_seconds, 4), "trainable_params": ft.trainable_params,
+                             "predict_ms_per_item": head_ms,
+                             "encoder_ms_per_item": encoder_cost(work, emb, "test", enc_ms)}
+    costs["predict_ms_per_item_with_encoder"] = round(head_ms + costs["encoder_ms_per_item"], 4)
+    costs["peak_rss_mb"] = peak_rss_mb()
+    fitted = ft.fitted
+    setting = {"setting": "full", "selection": "val", "train_items": int(tr.size), "val_items": int(va.size),
+               "final_model_items": int(tr.size), "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
+               "val_top1": fitted.best_metric if va.size else None, "chosen_by": "val" if va.size else "fixed",
+               "knobs": {"epochs": fitted.best_epoch}, "seed": config.seed}
+    result_config = {
+        "method": "finetune", "encoder": encoder.spec, "train": str(plan.spec), "groups": plan.groups,
+        "lora_targets": len(plan.lora_targets), "head_init": plan.head_init, "head_C": ft.init.get("C"),
+        "finetune": config.describe(), "full": True, "shots": [], "seed": seed, "n_boot": n_boot,
+        "modality": emb.modality, "knobs": ["epochs"], "selection": "val", "protocol": PROTOCOL,
+        "history": fitted.history, "notes": list(emb.notes()) + ["few-shot settings are not run by finetune yet"],
+    }
+    if template_list:
+        result_config["templates"] = templates if isinstance(templates, str) else "list"
+    data = data_provenance(emb.dataset, {split: list(emb.ids[idx]) for split, idx in
+                                         (("train", tr), ("val", va), ("test", test))})
+    keys = [] if emb.keys is None else list(emb.keys[test])
+    data["seen_in_training"] = seen = seen_in_training(encoder, keys, emb.modality, "test items")
+    if seen["warning"]:
+        result_config["notes"].append(seen["warning"])
+    result = RunResult("finetune", metrics, costs, result_config, data,
+                       predictions=prediction_rows(emb, test, scores, "full"), extra={"settings": [setting]},
+                       per_item={"full": per_item_topk_correct(y, scores, 1).astype(float)})
+    return result, ft
+
+
+def save_finetune(out_dir: str | os.PathLike, ft: FinetuneResult, emb: LabelledEmbeddings,
+                  result: RunResult | None = None) -> Path:
+    """Save what changed (tower tensors, classifier) with the base spec, fingerprint and training record."""
+    from ..encoders.aligned import portable_spec
+    from ..encoders.finetuned import FORMAT_VERSION, KIND, save_finetuned
+
+    model_dir = Path(out_dir)
+    tr, va = ft.positions["train"], ft.positions["val"]
+    fitted = ft.fitted
+    init = {k: v for k, v in ft.init.items() if k not in ("probe", "base_fingerprint", "base_spec")}
+    config = {
+        "kind": KIND, "format_version": FORMAT_VERSION,
+        "base": portable_spec(str(ft.init["base_spec"]), model_dir), "base_fingerprint": ft.init["base_fingerprint"],
+        "classifier": {"kind": ft.head.kind, "scale": ft.head.scale, "classes": list(emb.classes),
+                       "dim": int(ft.head.weight.shape[1]), **init},
+        "train": {
+            "spec": str(ft.plan.spec), "objective": ft.config.objective, "groups": ft.plan.groups,
+            "n_groups": ft.plan.n_groups, "lora": ft.lora, "settings": ft.config.describe(),
+            "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
+            "val_top1": fitted.best_metric if va.size else None, "history": fitted.history,
+            "total_steps": fitted.total_steps, "warmup_steps": fitted.warmup_steps, "precision": fitted.precision,
+            "costs": {"fit_seconds": round(ft.fit_seconds, 3), "trainable_params": ft.trainable_params},
+            "counts": {"train": int(tr.size), "val": int(va.size)},
+            "data": data_provenance(emb.dataset, {"train": list(emb.ids[tr]), "val": list(emb.ids[va])}),
+        },
+    }
+    if result is not None:
+        config["test"] = {k: result.metrics.get(k) for k in ("top1", "top1_ci_low", "top1_ci_high")}
+    items = None
+    if emb.keys is not None:
+        def keys(idx: np.ndarray) -> frozenset[str]:
+            return frozenset(str(k) for k in emb.keys[idx] if k is not None)  # type: ignore[index]
+
+        items = TrainingItems(train={"image": keys(tr)}, val={"image": keys(va)}, source=emb.dataset.source)
+    return save_finetuned(model_dir, config, ft.tower_state, ft.head, training_items=items)
+
+
+def _run(inputs: RungInputs, options: RungOptions) -> RunResult:
+    if not options.full:
+        raise EncoderlabError("finetune runs the full train split only (few-shot settings are not available yet)",
+                              "drop --no-full for finetune")
+    from dataclasses import replace
+
+    result, _ = run_finetune(inputs.encoder, inputs.labelled(), inputs.store,
+                             config=replace(RUNG_CONFIG, seed=options.seed), templates=options.templates,
+                             class_names=options.class_names, n_boot=options.n_boot, seed=options.seed,
+                             encoder_ms=options.encoder_ms, progress=options.progress)
+    return result
+
+
+def _supports(encoder: Encoder) -> str | None:
+    """Why the rung's fine-tuning cannot run on ``encoder`` (None when it can)."""
+    if "image" not in encoder.modalities:
+        return "needs an image tower"
+    try:
+        plan_training(encoder, RUNG_CONFIG)
+    except EncoderlabError as e:
+        return f"cannot fine-tune its image tower ({e.message})"
+    return None
+
+
+RUNG = register_rung(Rung("finetune", level=4, rank=0, task="classification", needs=("labels",), knobs=("epochs",),
+                          features="joint", run=_run, supports=_supports,
+                          description="fine-tune the image tower + a zero-shot / linear-probe initialised classifier "
+                                      "(FLYP-style init, LP-FT), full train split"))
