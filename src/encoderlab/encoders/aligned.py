@@ -30,7 +30,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json, interrupted_saves, r
 from ..errors import EncoderlabError
 from ..hashing import json_digest
 from .base import Encoder, FeatureSource, Modality, TrainingItems, state_dict_digest
-from .local import register_local_kind
+from .local import read_model_config, register_local_kind
 
 KIND = "aligned"
 FORMAT_VERSION = 1
@@ -220,20 +220,7 @@ def load_heads(path: str | os.PathLike, config: Mapping[str, Any]) -> dict[str, 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The aligned model's config, checked for kind and format version."""
-    cfg_path = Path(path) / CONFIG_NAME
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise EncoderlabError(f"cannot read {cfg_path} ({e})", "point local: at a directory written by align") from e
-    if cfg.get("kind") != KIND:
-        raise EncoderlabError(f"{cfg_path} is not an aligned model (kind {cfg.get('kind')!r})")
-    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-        raise EncoderlabError(
-            f"{cfg_path} has format_version {cfg.get('format_version')}, newer than this encoderlab reads "
-            f"({FORMAT_VERSION})",
-            "upgrade encoderlab",
-        )
-    return cfg
+    return read_model_config(path, KIND, "an aligned model", "align", FORMAT_VERSION)
 
 
 # ---- the encoder ------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json, replace_entries
 from ..errors import EncoderlabError
 from ..hashing import json_digest
 from .base import Encoder, FeatureSource, Modality, TrainingItems, state_dict_digest
-from .local import register_local_kind
+from .local import read_model_config, register_local_kind
 
 KIND = "finetuned"
 FORMAT_VERSION = 1
@@ -178,19 +178,7 @@ def save_finetuned(out_dir: str | os.PathLike, config: dict[str, Any], tower: Ma
 
 def read_finetuned_config(path: str | os.PathLike) -> dict[str, Any]:
     """The model's config, checked for kind and format version."""
-    import json
-
-    cfg_path = Path(path) / CONFIG_NAME
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise EncoderlabError(f"cannot read {cfg_path} ({e})", "point local: at a directory written by finetune") from e
-    if cfg.get("kind") != KIND:
-        raise EncoderlabError(f"{cfg_path} is not a fine-tuned model (kind {cfg.get('kind')!r})")
-    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-        raise EncoderlabError(f"{cfg_path} has format_version {cfg.get('format_version')}, newer than this encoderlab "
-                              f"reads ({FORMAT_VERSION})", "upgrade encoderlab")
-    return cfg
+    return read_model_config(path, KIND, "a fine-tuned model", "finetune", FORMAT_VERSION)
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

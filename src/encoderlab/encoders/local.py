@@ -9,9 +9,11 @@ fine-tuned and prompt-learned models the same way).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +43,28 @@ LOCAL_KINDS: Registry[LocalKind] = Registry(
 def register_local_kind(kind: str, loader: LocalLoader, *, description: str) -> LocalKind:
     """Make directories whose ``encoderlab.json`` names ``kind`` load as ``local:DIR`` through ``loader``."""
     return LOCAL_KINDS.register(kind, LocalKind(kind, loader, description))
+
+
+def read_model_config(path: str | os.PathLike, kind: str, what: str, made_by: str,
+                      format_version: int) -> dict[str, Any]:
+    """The ``encoderlab.json`` of a saved model of ``kind``, checked for kind and format version.
+
+    ``what`` names the kind in messages ("an aligned model"), ``made_by`` the command that writes it ("align").
+    """
+    cfg_path = Path(path) / "encoderlab.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise EncoderlabError(f"cannot read {cfg_path} ({e})",
+                              f"point local: at a directory written by {made_by}") from e
+    if not isinstance(cfg, dict) or cfg.get("kind") != kind:
+        found = cfg.get("kind") if isinstance(cfg, dict) else None
+        raise EncoderlabError(f"{cfg_path} is not {what} (kind {found!r})",
+                              f"point local: at a directory written by {made_by}")
+    if int(cfg.get("format_version", 0)) > format_version:
+        raise EncoderlabError(f"{cfg_path} has format_version {cfg.get('format_version')}, newer than this "
+                              f"encoderlab reads ({format_version})", "upgrade encoderlab")
+    return cfg
 
 
 def load_local(target: str, *, device: torch.device, precision: str) -> Encoder:

@@ -44,7 +44,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json, replace_entries
 from ..errors import EncoderlabError
 from ..hashing import bytes_digest, json_digest
 from .base import Encoder, FeatureSource, Modality, TrainingItems, inference_context
-from .local import register_local_kind
+from .local import read_model_config, register_local_kind
 
 KIND = "prompted"
 FORMAT_VERSION = 1
@@ -371,17 +371,7 @@ def save_prompted(out_dir: str | os.PathLike, base: Encoder, ctx: torch.Tensor, 
 
 def read_prompted_config(path: str | os.PathLike) -> dict[str, Any]:
     """The saved context's config, checked for kind and format version."""
-    cfg_path = Path(path) / CONFIG_NAME
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise EncoderlabError(f"cannot read {cfg_path} ({e})", "point local: at a directory written by coop") from e
-    if cfg.get("kind") != KIND:
-        raise EncoderlabError(f"{cfg_path} is not a prompt context (kind {cfg.get('kind')!r})")
-    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-        raise EncoderlabError(f"{cfg_path} has format_version {cfg.get('format_version')}, newer than this "
-                              f"encoderlab reads ({FORMAT_VERSION})", "upgrade encoderlab")
-    return cfg
+    return read_model_config(path, KIND, "a prompt context", "coop", FORMAT_VERSION)
 
 
 def load_context(path: str | os.PathLike) -> torch.Tensor:
