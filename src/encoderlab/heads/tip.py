@@ -13,6 +13,7 @@ chosen by grid search on validation data, vectorized (one affinity matrix per be
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,21 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.linspace(0.0, 5.0
 DEFAULT_BETAS: tuple[float, ...] = tuple(float(b) for b in np.linspace(0.5, 10.0, 20))
 #: the paper's defaults, used when there is no validation data to tune on
 PAPER_ALPHA, PAPER_BETA = 1.0, 5.5
+
+
+@dataclass
+class _Setup:
+    """What ``TipAdapter._setup`` prepares for a fit (training/validation features and labels, the grids)."""
+
+    y_idx: np.ndarray
+    feats: torch.Tensor
+    tr: np.ndarray
+    q_val: torch.Tensor
+    yv: np.ndarray
+    f_all: torch.Tensor
+    y_all: np.ndarray
+    alphas: list[float]
+    betas: list[float]
 
 
 class TipAdapter(Head):
@@ -93,30 +109,9 @@ class TipAdapter(Head):
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> TipAdapter:
         """Build the cache from ``(X, y)`` and tune alpha, beta on ``(X_val, y_val)`` (or a carve of ``X``)."""
-        X = as_features(X)
-        y_arr = as_labels(y, X.shape[0])
-        classes_, y_idx, W, scale = self._classifier(y_arr, X.shape[1])
-        check_scoring(self.scoring)
-        has_val = check_val_pair(X_val, y_val)
-        alphas = number_grid(self.alphas, "alphas")
-        betas = number_grid(self.betas, "betas")
-
-        dev = torch.device(self.device)
-        self.classes_ = classes_
-        self.n_features_in_ = X.shape[1]
-        self.logit_scale_ = scale
-        self._text = normalize_rows(torch.from_numpy(W).to(dev))
-        keys = normalize_rows(torch.from_numpy(X).to(dev))
-        if has_val:
-            Xv, yv = val_arrays(X_val, y_val, classes_, X.shape[1])
-            tr, q_val = np.arange(len(y_idx)), normalize_rows(torch.from_numpy(Xv).to(dev))
-            k_all, y_all = torch.cat([keys, q_val]), np.concatenate([y_idx, yv])
-        else:
-            tr, va = carve_val(y_idx, float(self.val_fraction), int(self.seed))
-            if len(va) < MIN_VAL_ITEMS:
-                tr, va = np.arange(len(y_idx)), va[:0]
-            q_val, yv = keys[va], y_idx[va]
-            k_all, y_all = keys, y_idx
+        s = self._setup(X, y, X_val, y_val)
+        keys, y_idx, tr, q_val, yv, k_all, y_all = s.feats, s.y_idx, s.tr, s.q_val, s.yv, s.f_all, s.y_all
+        alphas, betas = s.alphas, s.betas
 
         self.sweep_: list[dict[str, Any]] = []
         if len(yv) == 0:
@@ -129,6 +124,35 @@ class TipAdapter(Head):
         else:
             self._set_cache(keys[tr], y_idx[tr])
         return self
+
+    def _setup(self, X: Any, y: Any, X_val: Any, y_val: Any) -> _Setup:
+        """Checks, the zero-shot rows, normalized features, and the validation part (given, or carved from ``X``).
+
+        Shared by Tip-Adapter and Tip-Adapter-F, so both read the zero-shot classifier, carve and validate alike.
+        """
+        X = as_features(X)
+        y_arr = as_labels(y, X.shape[0])
+        classes_, y_idx, W, scale = self._classifier(y_arr, X.shape[1])
+        check_scoring(self.scoring)
+        has_val = check_val_pair(X_val, y_val)
+        alphas, betas = number_grid(self.alphas, "alphas"), number_grid(self.betas, "betas")
+        dev = torch.device(self.device)
+        self.classes_ = classes_
+        self.n_features_in_ = X.shape[1]
+        self.logit_scale_ = scale
+        self._text = normalize_rows(torch.from_numpy(W).to(dev))
+        feats = normalize_rows(torch.from_numpy(X).to(dev))
+        if has_val:
+            Xv, yv = val_arrays(X_val, y_val, classes_, X.shape[1])
+            tr, q_val = np.arange(len(y_idx)), normalize_rows(torch.from_numpy(Xv).to(dev))
+            f_all, y_all = torch.cat([feats, q_val]), np.concatenate([y_idx, yv])
+        else:  # a stratified carve (nothing when val_fraction is 0 or too few items to choose on)
+            tr, va = carve_val(y_idx, float(self.val_fraction), int(self.seed))
+            if len(va) < MIN_VAL_ITEMS:
+                tr, va = np.arange(len(y_idx)), va[:0]
+            q_val, yv = feats[va], y_idx[va]
+            f_all, y_all = feats, y_idx
+        return _Setup(y_idx, feats, tr, q_val, yv, f_all, y_all, alphas, betas)
 
     def _set_cache(self, keys: torch.Tensor, y_idx: np.ndarray) -> None:
         self._keys = keys

@@ -27,16 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..normalize import normalize_rows
 from ._base import (
-    MIN_VAL_ITEMS,
-    as_features,
-    as_labels,
-    carve_val,
-    check_scoring,
-    check_val_pair,
     number_grid,
-    val_arrays,
 )
 from .tip import DEFAULT_ALPHAS, DEFAULT_BETAS, PAPER_ALPHA, PAPER_BETA, TipAdapter
 
@@ -90,31 +82,10 @@ class TipAdapterF(TipAdapter):
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> TipAdapterF:
         """Build the cache from ``(X, y)``, fine-tune its keys, choose epochs, alpha, beta on ``(X_val, y_val)``."""
-        X = as_features(X)
-        y_arr = as_labels(y, X.shape[0])
-        classes_, y_idx, W, scale = self._classifier(y_arr, X.shape[1])
-        check_scoring(self.scoring)
-        has_val = check_val_pair(X_val, y_val)
-        alphas = number_grid(self.alphas, "alphas")
-        betas = number_grid(self.betas, "betas")
         epochs, *_ = self._check_recipe()
-
-        dev = torch.device(self.device)
-        self.classes_ = classes_
-        self.n_features_in_ = X.shape[1]
-        self.logit_scale_ = scale
-        self._text = normalize_rows(torch.from_numpy(W).to(dev))
-        feats = normalize_rows(torch.from_numpy(X).to(dev))
-        if has_val:
-            Xv, yv = val_arrays(X_val, y_val, classes_, X.shape[1])
-            tr, q_val = np.arange(len(y_idx)), normalize_rows(torch.from_numpy(Xv).to(dev))
-            f_all, y_all = torch.cat([feats, q_val]), np.concatenate([y_idx, yv])
-        else:  # the same carve as TipAdapter (nothing when val_fraction is 0 or too few items)
-            tr, va = carve_val(y_idx, float(self.val_fraction), int(self.seed))
-            if len(va) < MIN_VAL_ITEMS:
-                tr, va = np.arange(len(y_idx)), va[:0]
-            q_val, yv = feats[va], y_idx[va]
-            f_all, y_all = feats, y_idx
+        s = self._setup(X, y, X_val, y_val)  # the same checks, zero-shot rows and carve as TipAdapter
+        feats, y_idx, tr, q_val, yv, f_all, y_all = s.feats, s.y_idx, s.tr, s.q_val, s.yv, s.f_all, s.y_all
+        alphas, betas = s.alphas, s.betas
 
         self.sweep_: list[dict[str, Any]] = []
         self.epoch_sweep_: list[dict[str, Any]] = []
