@@ -56,6 +56,13 @@ def register(sub: Any) -> None:
                    help="cross-entropy label smoothing in [0, 1) (default: %(default)s)")
     p.add_argument("--freeze-norms", action="store_true",
                    help="keep normalisation layers (LayerNorm / BatchNorm weights and statistics) fixed")
+    p.add_argument("--wise-ft", type=alpha_grid, default=None, metavar="START:STOP:STEP",
+                   help="WiSE-FT (Wortsman et al. 2022): also evaluate the weight-space mixes (1-a)*zero-shot + "
+                        "a*fine-tuned for a = START, START+STEP, .., STOP (0 <= START < STOP <= 1), choose a on val "
+                        "accuracy and save that model (e.g. 0:1:0.1)")
+    p.add_argument("--also-eval", default=None, metavar="DATA",
+                   help="with --wise-ft: zero-shot accuracy on a second labelled dataset along the curve, to show "
+                        "what fine-tuning forgot (dual encoders)")
     p.add_argument("--no-resume", action="store_true",
                    help="start over instead of resuming an interrupted run's checkpoint")
     add_prompt_options(p)
@@ -66,6 +73,16 @@ def register(sub: Any) -> None:
             action.required = True
             action.help = ("the model directory to write, loadable as local:DIR; the test results go into DIR/eval "
                            "(an existing fine-tuned model there is replaced, other files are kept)")
+
+
+def alpha_grid(text: str) -> list[float]:
+    """``type=`` of ``--wise-ft``: a bad grid fails while parsing, naming the spec and showing an example."""
+    from ..train.wise_ft import parse_alpha_grid
+
+    try:
+        return parse_alpha_grid(text)
+    except EncoderlabError as e:
+        raise argparse.ArgumentTypeError(f"{e.message}; {e.fix}") from None
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,14 +109,20 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     ds = load_data(args, whole=True).ensure_validation(seed=args.seed)
     if not ds.classes:
         raise EncoderlabError(f"dataset {ds.source!r} has no labels", "finetune --objective classify needs labels")
+    also_ds = _also_eval_data(args)
     encoder = make_encoder(args)
     plan_training(encoder, config)  # block map, N, LoRA targets: before extracting anything
+    if also_ds is not None and not ("image" in encoder.modalities and "text" in encoder.modalities):
+        raise EncoderlabError(f"--also-eval classifies zero-shot, which needs a dual encoder; {encoder.spec!r} "
+                              f"encodes {'+'.join(encoder.modalities)}", "drop --also-eval for single towers")
     emb = labelled_embeddings(encoder, ds, store, progress=progress(args))
+    also = labelled_embeddings(encoder, also_ds, store, progress=progress(args)) if also_ds is not None else None
     work = checkpoint.work_dir(model_dir)
     work.mkdir(parents=True, exist_ok=True)
     result, ft = run_finetune(encoder, emb, store, config=config, templates=args.templates,
                               class_names=class_names(args), n_boot=args.n_boot, seed=args.seed,
-                              progress=progress(args), copy=False, checkpoint_dir=work, resume=not args.no_resume)
+                              progress=progress(args), copy=False, checkpoint_dir=work, resume=not args.no_resume,
+                              wise_ft=args.wise_ft, also_eval=also)
     saved = save_finetune(model_dir, ft, emb, result)
     write_run(result, saved / EVAL_NAME)
     shutil.rmtree(work, ignore_errors=True)  # kept until the model is saved: a failed save resumes, not retrains
@@ -111,6 +134,37 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         m = result.metrics
         say(f"finetune --train {ft.plan.spec}: test top-1 {m['top1']:.3f} [{m['top1_ci_low']:.3f}, "
             f"{m['top1_ci_high']:.3f}], best epoch {ft.fitted.best_epoch} of {len(ft.fitted.history)}")
+        if "wise_ft" in result.extra:
+            say(_wise_ft_lines(result.extra["wise_ft"], m))
         say(costs_line(result.costs))
         say(f"model: {saved}  (use it as --encoder local:{saved})")
     return out
+
+
+def _also_eval_data(args: argparse.Namespace) -> Any:
+    """The ``--also-eval`` dataset (its own splits; every labelled item is used), checked before any work."""
+    if args.also_eval is None:
+        return None
+    if args.wise_ft is None:
+        raise EncoderlabError("--also-eval reports forgetting along the WiSE-FT curve", "add --wise-ft 0:1:0.1")
+    from ..data import load_dataset
+
+    also = load_dataset(args.also_eval, seed=args.seed)
+    if not also.classes or not also.has_images:
+        raise EncoderlabError(f"--also-eval dataset {also.source!r} has no labelled images",
+                              "pass a dataset with labelled images to --also-eval")
+    return also
+
+
+def _wise_ft_lines(curve: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The WiSE-FT curve as a small table, the chosen alpha marked."""
+    also = "also_eval_top1" in curve["curve"][0]
+    lines = [f"WiSE-FT: alpha {curve['alpha']:g} chosen on {curve['chosen_by']}: test top-1 "
+             f"{metrics['wise_ft/top1']:.3f} [{metrics['wise_ft/top1_ci_low']:.3f}, "
+             f"{metrics['wise_ft/top1_ci_high']:.3f}]",
+             "  alpha  val   test" + ("  also-eval" if also else "")]
+    for row in curve["curve"]:
+        mark = " *" if row["alpha"] == curve["alpha"] else ""
+        extra = f"  {row['also_eval_top1']:.3f}" if also else ""
+        lines.append(f"  {row['alpha']:<5g}  {row['val_top1']:.3f} {row['test_top1']:.3f}{extra}{mark}")
+    return "\n".join(lines)

@@ -63,14 +63,28 @@ def run_finetune(
     augment: Augment | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = True,
+    wise_ft: Sequence[float] | None = None,
+    also_eval: LabelledEmbeddings | None = None,
 ) -> tuple[RunResult, FinetuneResult]:
-    """Fine-tune (a copy of, unless ``copy=False``) ``encoder`` on ``emb``; returns the test result and the fit."""
+    """Fine-tune (a copy of, unless ``copy=False``) ``encoder`` on ``emb``; returns the test result and the fit.
+
+    ``wise_ft`` (α values): also report the WiSE-FT curve (Wortsman et al. 2022) between ``encoder`` (zero-shot) and
+    the fine-tuned copy (``copy`` is forced, θ0 must survive training), choose α on val, and leave the returned
+    fit at the chosen α's weights (what ``save_finetune`` writes); the metrics above stay the fine-tuned (α = 1)
+    model's. ``also_eval``: labelled embeddings of a second dataset for the curve's zero-shot forgetting column.
+    """
     from ..encoders.aligned import tower_fingerprint
+    from ..train import wise_ft as wft
 
     config = config or FinetuneConfig(seed=seed)
     plan = plan_training(encoder, config)  # every check before any work
     test = eval_split(emb, "test")
-    template_list = load_templates(templates) if plan.head_init == "zeroshot" else []
+    if also_eval is not None and wise_ft is None:
+        raise EncoderlabError("--also-eval reports forgetting along the WiSE-FT curve", "add --wise-ft 0:1:0.1")
+    alphas = wft.check_wise_ft(encoder, emb, wise_ft, also_eval) if wise_ft is not None else None
+    copy = copy or alphas is not None
+    zeroshot_templates = plan.head_init == "zeroshot" or also_eval is not None
+    template_list = load_templates(templates) if zeroshot_templates else []
     base_fp = tower_fingerprint(encoder)
     work = fresh_copy(encoder) if copy else encoder
     tr, va = emb.index("train"), emb.index("val") if "val" in set(emb.split.tolist()) else np.zeros(0, np.int64)
@@ -116,6 +130,17 @@ def run_finetune(
     result = RunResult("finetune", metrics, costs, result_config, data,
                        predictions=prediction_rows(emb, test, scores, "full"), extra={"settings": [setting]},
                        per_item={"full": per_item_topk_correct(y, scores, 1).astype(float)})
+    if alphas is not None:
+        curve = wft.wise_ft_curve(encoder, ft, emb, store, alphas, also_eval=also_eval, templates=template_list,
+                                  batch_size=config.batch_size)
+        chosen = evaluate(y, curve["scores"], emb.classes, n_boot, seed)
+        result.metrics.update({"wise_ft/alpha": curve["alpha"], "wise_ft/top1": chosen["top1"],
+                               "wise_ft/top1_ci_low": chosen["top1_ci_low"],
+                               "wise_ft/top1_ci_high": chosen["top1_ci_high"]})
+        result.extra["wise_ft"] = record = wft.result_record(curve)
+        result.config["wise_ft"] = {"alphas": alphas, "chosen_by": curve["chosen_by"]}
+        wft.apply_alpha(encoder, ft, curve["alpha"])
+        ft.wise_ft = {**record, "test": {k: chosen[k] for k in ("top1", "top1_ci_low", "top1_ci_high")}}
     return result, ft
 
 
@@ -147,6 +172,9 @@ def save_finetune(out_dir: str | os.PathLike, ft: FinetuneResult, emb: LabelledE
     }
     if result is not None:
         config["test"] = {k: result.metrics.get(k) for k in ("top1", "top1_ci_low", "top1_ci_high")}
+    if ft.wise_ft is not None:  # the saved weights are the chosen α's: its test numbers describe them
+        config["wise_ft"] = {**ft.wise_ft, "finetuned_test": config.get("test")}
+        config["test"] = dict(ft.wise_ft["test"])
     items = None
     if emb.keys is not None:
         def keys(idx: np.ndarray) -> frozenset[str]:

@@ -21,6 +21,7 @@ Images are decoded and transformed every epoch through the encoder's own ``image
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -361,6 +362,8 @@ class FinetuneResult:
     positions: dict[str, np.ndarray]
     config: FinetuneConfig
     lora: dict[str, Any] | None = None
+    head0: ClassifierHead | None = None  # the head at step 0: WiSE-FT's zero-shot end (train.wise_ft)
+    wise_ft: dict[str, Any] | None = None  # set when the weights are a WiSE-FT mix (train.wise_ft.apply_alpha)
 
     def scores(self, emb: LabelledEmbeddings, split: str, batch_size: int = 64) -> np.ndarray:
         """Logits of the fine-tuned model on ``split``'s labelled items (decoded through the encoder's transform)."""
@@ -402,6 +405,7 @@ def finetune_classifier(
     va = emb.index("val") if "val" in set(emb.split.tolist()) else np.zeros(0, np.int64)
     head, init = initial_head(encoder, emb, store, plan.head_init, templates=templates, class_names=class_names,
                               seed=config.seed)
+    head0 = copy.deepcopy(head)  # training changes ``head`` in place; WiSE-FT interpolates from this one
     dev = encoder.device
     tower = prepare_tower(encoder, plan, config)
     model = FinetuneModel(tower, head.to(dev)).to(dev)
@@ -439,7 +443,7 @@ def finetune_classifier(
     tower_state, lora = _finish(encoder, plan, config)
     model.eval()
     return FinetuneResult(encoder, model, head, plan, fitted, fit_seconds, trainable, tower_state, init,
-                          {"train": tr, "val": va}, config, lora)
+                          {"train": tr, "val": va}, config, lora, head0=head0)
 
 
 def _finish(encoder: Encoder, plan: TrainPlan, config: FinetuneConfig
