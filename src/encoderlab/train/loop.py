@@ -241,99 +241,133 @@ def fit(
     if world > 1 and settings.batch_size < world:
         raise EncoderlabError(f"batch_size {settings.batch_size} is smaller than the {world} processes sharing it",
                               f"pass batch_size={world} or more (it is the global batch, split across processes)")
-    n_used = n_items - n_items % world  # what the ranks' equal shards cover
-    n_batches = steps_per_epoch(n_used, settings.batch_size)
-    optim = ScheduledAdamW(param_groups, settings, settings.epochs * math.ceil(n_batches / settings.accumulate))
-    gen = torch.Generator().manual_seed(settings.seed)  # its own stream: the global RNG is left alone
-    run, resumed_at = RunState(), 0
-    # everything that changes the result: a checkpoint written under other values is refused, not resumed
-    expected = {"loop": run_settings(settings, optim.precision), "items": n_items, "client": run_config or {},
-                "trainable": {k: list(v.shape) for k, v in checkpoint.trainable_state(model).items()}}
-    if world > 1:  # other shards, other batches: a checkpoint of another world size does not continue this run
-        expected["world"] = world
-    if checkpoint_dir is not None:
-        checkpoint_dir = Path(checkpoint_dir)
-        resumed_at = _restore(checkpoint_dir, expected, resume, model, optim, gen, run, world, rank)
-    if world > 1:  # what DDP does at construction: every rank starts from rank 0's weights
-        dp.broadcast_tensors(list(checkpoint.trainable_state(model).values()))
-
-    def save() -> None:
-        if checkpoint_dir is None:
-            return
-        payload: dict[str, Any] = {"rng": checkpoint.rng_states(gen)}
-        if world > 1:
-            _sync_buffers(model)  # rank 0's buffers are saved: make them everyone's, so a resume changes nothing
-            # each rank's own RNGs and running loss; the rest of the state is the same on every rank
-            payload["ranks"] = dp.gather_objects({"rng": payload["rng"], "loss_sum": run.loss_sum})
-        if rank == 0:
-            payload.update(settings=checkpoint.plain(expected), run=dict(vars(run)),
-                           model=checkpoint.trainable_state(model), optimizer=optim.state_dict())
-            checkpoint.save(checkpoint_dir, payload)
-        if world > 1:  # no rank runs ahead of a checkpoint that may not exist yet
-            dp.barrier()
-
-    acc = settings.accumulate
-    remaining = 0 if run.complete else (settings.epochs - run.epoch + 1) * n_batches - run.position
-    bar = progress_bar(remaining, "batch", progress and rank == 0, desc=desc)  # batches, not epochs: an ETA that moves
+    loop = _Loop(model, step, n_items, param_groups, evaluate, settings, after_step, world, rank,
+                 Path(checkpoint_dir) if checkpoint_dir is not None else None, checkpoint_every, run_config)
+    resumed_at = loop.start(resume)
+    remaining = 0 if loop.run.complete else (settings.epochs - loop.run.epoch + 1) * loop.n_batches - loop.run.position
+    loop.bar = progress_bar(remaining, "batch", progress and rank == 0, desc=desc)  # batches: an ETA that moves
     try:
-        while not run.complete:
-            epoch, started = run.epoch, time.perf_counter() - run.seconds
-            if run.order is None:
-                run.order = torch.randperm(n_items, generator=gen)
-            # this rank's shard in as many batches as every rank: batch b of the run is the union of the ranks' b
-            batches = torch.tensor_split(dp.shard_indices(run.order, rank, world), n_batches)
-            seen = sum(len(b) for b in batches[: run.position])
-            model.train()
-            for b in range(run.position, n_batches):
-                first = b - b % acc
-                size = min(acc, n_batches - first)  # the epoch's last group may be short: still a mean
-                if b == first:
-                    optim.zero_grad()
-                with optim.autocast():
-                    loss = step(batches[b])
-                optim.backward(loss / size)
-                run.loss_sum += loss.item() * len(batches[b])
-                seen += len(batches[b])
-                bar.update(1)
-                if b + 1 < first + size:
-                    continue
-                if world > 1:
-                    dp.average_gradients(optim.params)  # before clipping: the ranks clip the same total norm
-                optim.step()
-                if after_step is not None:
-                    after_step()
-                run.position = b + 1
-                bar.set_postfix(epoch=f"{epoch}/{settings.epochs}", loss=f"{run.loss_sum / seen:.3f}",
-                                val=f"{run.history[-1]['val_metric']:.3f}" if run.history else "-", refresh=False)
-                if checkpoint_every and optim.steps % checkpoint_every == 0 and run.position < n_batches:
-                    run.seconds = time.perf_counter() - started
-                    save()
-            model.eval()
-            loss_sum = run.loss_sum
-            if world > 1:
-                _sync_buffers(model)
-                loss_sum = dp.sum_float(loss_sum, optim.device)  # the local losses are means over equal shards
-            metric, fields = evaluate()
-            if world > 1:  # rank 0's numbers everywhere: the same history, best epoch and stopping decision
-                metric, fields = dp.broadcast_object((metric, fields))
-            record = {"epoch": epoch, "train_loss": loss_sum / n_used, **fields}
-            record.setdefault("val_metric", metric)
-            record.update(lr=optim.lr(optim.steps - 1), seconds=time.perf_counter() - started)
-            run.history.append({k: v.item() if hasattr(v, "item") else v for k, v in record.items()})  # no numpy
-            if run.best is None or metric > run.best[0]:
-                run.best = (metric, epoch, checkpoint.trainable_state(model, clone=True))
-            bar.set_postfix(epoch=f"{epoch}/{settings.epochs}", loss=f"{record['train_loss']:.3f}",
-                            val=f"{metric:.3f}", best=run.best[1])
-            run.complete = epoch == settings.epochs or epoch - run.best[1] >= settings.patience
-            run.epoch, run.position, run.order, run.loss_sum, run.seconds = epoch + 1, 0, None, 0.0, 0.0
-            save()
+        while not loop.run.complete:
+            loop.epoch()
     finally:
-        bar.close()
+        loop.bar.close()
+    run, optim = loop.run, loop.optim
     assert run.best is not None  # epochs >= 1
     metric, best_epoch, state = run.best
     checkpoint.load_trainable_state(model, state)
     return FitResult(run.history, best_epoch, metric, copy.deepcopy(model.state_dict()), optim.total_steps,
                      optim.warmup, optim.precision, resumed_at, world)
+
+
+class _Loop:
+    """The state of one ``fit`` and its three moves: start (or resume), one epoch, save a checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, step: StepFn, n_items: int, param_groups: list[dict[str, Any]],
+                 evaluate: EvalFn, settings: LoopSettings, after_step: Callable[[], None] | None, world: int,
+                 rank: int, checkpoint_dir: Path | None, checkpoint_every: int | None,
+                 run_config: dict[str, Any] | None) -> None:
+        self.model, self.step_fn, self.n_items, self.evaluate = model, step, n_items, evaluate
+        self.settings, self.after_step, self.world, self.rank = settings, after_step, world, rank
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.n_used = n_items - n_items % world  # what the ranks' equal shards cover
+        self.n_batches = steps_per_epoch(self.n_used, settings.batch_size)
+        self.optim = ScheduledAdamW(param_groups, settings,
+                                    settings.epochs * math.ceil(self.n_batches / settings.accumulate))
+        self.gen = torch.Generator().manual_seed(settings.seed)  # its own stream: the global RNG is left alone
+        self.run = RunState()
+        self.bar: Any = None
+        # everything that changes the result: a checkpoint written under other values is refused, not resumed
+        self.expected: dict[str, Any] = {
+            "loop": run_settings(settings, self.optim.precision), "items": n_items, "client": run_config or {},
+            "trainable": {k: list(v.shape) for k, v in checkpoint.trainable_state(model).items()}}
+        if world > 1:  # other shards, other batches: a checkpoint of another world size does not continue this run
+            self.expected["world"] = world
+
+    def start(self, resume: bool) -> int:
+        """Restore a checkpoint when there is one (and ``resume``); returns the optimizer step it resumed at."""
+        resumed_at = 0
+        if self.checkpoint_dir is not None:
+            resumed_at = _restore(self.checkpoint_dir, self.expected, resume, self.model, self.optim, self.gen,
+                                  self.run, self.world, self.rank)
+        if self.world > 1:  # what DDP does at construction: every rank starts from rank 0's weights
+            dp.broadcast_tensors(list(checkpoint.trainable_state(self.model).values()))
+        return resumed_at
+
+    def save(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        run, world = self.run, self.world
+        payload: dict[str, Any] = {"rng": checkpoint.rng_states(self.gen)}
+        if world > 1:
+            _sync_buffers(self.model)  # rank 0's buffers are saved: make them everyone's, so a resume changes nothing
+            # each rank's own RNGs and running loss; the rest of the state is the same on every rank
+            payload["ranks"] = dp.gather_objects({"rng": payload["rng"], "loss_sum": run.loss_sum})
+        if self.rank == 0:
+            payload.update(settings=checkpoint.plain(self.expected), run=dict(vars(run)),
+                           model=checkpoint.trainable_state(self.model), optimizer=self.optim.state_dict())
+            checkpoint.save(self.checkpoint_dir, payload)
+        if world > 1:  # no rank runs ahead of a checkpoint that may not exist yet
+            dp.barrier()
+
+    def epoch(self) -> None:
+        """Train the rest of the current epoch (from ``run.position`` on a resume), evaluate, save."""
+        run, optim, settings, world = self.run, self.optim, self.settings, self.world
+        epoch, started = run.epoch, time.perf_counter() - run.seconds
+        if run.order is None:
+            run.order = torch.randperm(self.n_items, generator=self.gen)
+        # this rank's shard in as many batches as every rank: batch b of the run is the union of the ranks' b
+        batches = torch.tensor_split(dp.shard_indices(run.order, self.rank, world), self.n_batches)
+        seen = sum(len(b) for b in batches[: run.position])
+        acc, n_batches = settings.accumulate, self.n_batches
+        self.model.train()
+        for b in range(run.position, n_batches):
+            first = b - b % acc
+            size = min(acc, n_batches - first)  # the epoch's last group may be short: still a mean
+            if b == first:
+                optim.zero_grad()
+            with optim.autocast():
+                loss = self.step_fn(batches[b])
+            optim.backward(loss / size)
+            run.loss_sum += loss.item() * len(batches[b])
+            seen += len(batches[b])
+            self.bar.update(1)
+            if b + 1 < first + size:
+                continue
+            if world > 1:
+                dp.average_gradients(optim.params)  # before clipping: the ranks clip the same total norm
+            optim.step()
+            if self.after_step is not None:
+                self.after_step()
+            run.position = b + 1
+            self.bar.set_postfix(epoch=f"{epoch}/{settings.epochs}", loss=f"{run.loss_sum / seen:.3f}",
+                                 val=f"{run.history[-1]['val_metric']:.3f}" if run.history else "-", refresh=False)
+            if self.checkpoint_every and optim.steps % self.checkpoint_every == 0 and run.position < n_batches:
+                run.seconds = time.perf_counter() - started
+                self.save()
+        self.end_epoch(epoch, started)
+
+    def end_epoch(self, epoch: int, started: float) -> None:
+        """Evaluate, record, keep the best state, decide whether to stop, checkpoint."""
+        run, optim, settings, world = self.run, self.optim, self.settings, self.world
+        self.model.eval()
+        loss_sum = run.loss_sum
+        if world > 1:
+            _sync_buffers(self.model)
+            loss_sum = dp.sum_float(loss_sum, optim.device)  # the local losses are means over equal shards
+        metric, fields = self.evaluate()
+        if world > 1:  # rank 0's numbers everywhere: the same history, best epoch and stopping decision
+            metric, fields = dp.broadcast_object((metric, fields))
+        record = {"epoch": epoch, "train_loss": loss_sum / self.n_used, **fields}
+        record.setdefault("val_metric", metric)
+        record.update(lr=optim.lr(optim.steps - 1), seconds=time.perf_counter() - started)
+        run.history.append({k: v.item() if hasattr(v, "item") else v for k, v in record.items()})  # no numpy
+        if run.best is None or metric > run.best[0]:
+            run.best = (metric, epoch, checkpoint.trainable_state(self.model, clone=True))
+        self.bar.set_postfix(epoch=f"{epoch}/{settings.epochs}", loss=f"{record['train_loss']:.3f}",
+                             val=f"{metric:.3f}", best=run.best[1])
+        run.complete = epoch == settings.epochs or epoch - run.best[1] >= settings.patience
+        run.epoch, run.position, run.order, run.loss_sum, run.seconds = epoch + 1, 0, None, 0.0, 0.0
+        self.save()
 
 
 def _parallel(distributed: bool | None) -> tuple[int, int]:
