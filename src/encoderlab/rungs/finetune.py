@@ -99,14 +99,7 @@ def run_finetune(
     scores = ft.scores(emb, "test", config.batch_size)
     y = emb.y[test]
     metrics = evaluate(y, scores, emb.classes, n_boot, seed)
-    feats = torch.zeros(len(test), int(ft.head.weight.shape[1]), device=ft.head.weight.device)
-    head_ms = ms_per_item(lambda: ft.head(feats), len(test))
-    enc_ms = encoder_ms if plan.spec.kind == "heads" else None  # a tuned tower is measured anew
-    costs: dict[str, Any] = {"fit_seconds": round(ft.fit_seconds, 4), "trainable_params": ft.trainable_params,
-                             "predict_ms_per_item": head_ms,
-                             "encoder_ms_per_item": encoder_cost(work, emb, "test", enc_ms)}
-    costs["predict_ms_per_item_with_encoder"] = round(head_ms + costs["encoder_ms_per_item"], 4)
-    costs["peak_rss_mb"] = peak_rss_mb()
+    costs = _costs(ft, work, emb, test, encoder_ms if plan.spec.kind == "heads" else None)
     fitted = ft.fitted
     setting = {"setting": "full", "selection": "val", "train_items": int(tr.size), "val_items": int(va.size),
                "final_model_items": int(tr.size), "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
@@ -131,17 +124,39 @@ def run_finetune(
                        predictions=prediction_rows(emb, test, scores, "full"), extra={"settings": [setting]},
                        per_item={"full": per_item_topk_correct(y, scores, 1).astype(float)})
     if alphas is not None:
-        curve = wft.wise_ft_curve(encoder, ft, emb, store, alphas, also_eval=also_eval, templates=template_list,
-                                  batch_size=config.batch_size)
-        chosen = evaluate(y, curve["scores"], emb.classes, n_boot, seed)
-        result.metrics.update({"wise_ft/alpha": curve["alpha"], "wise_ft/top1": chosen["top1"],
-                               "wise_ft/top1_ci_low": chosen["top1_ci_low"],
-                               "wise_ft/top1_ci_high": chosen["top1_ci_high"]})
-        result.extra["wise_ft"] = record = wft.result_record(curve)
-        result.config["wise_ft"] = {"alphas": alphas, "chosen_by": curve["chosen_by"]}
-        wft.apply_alpha(encoder, ft, curve["alpha"])
-        ft.wise_ft = {**record, "test": {k: chosen[k] for k in ("top1", "top1_ci_low", "top1_ci_high")}}
+        _add_wise_ft(result, encoder, ft, emb, store, alphas, also_eval, template_list, config, n_boot, seed)
     return result, ft
+
+
+def _costs(ft: FinetuneResult, work: Encoder, emb: LabelledEmbeddings, test: np.ndarray,
+           encoder_ms: float | None) -> dict[str, Any]:
+    """Fit time, trainable parameters, head and encoder latency (a tuned tower is measured anew), memory."""
+    feats = torch.zeros(len(test), int(ft.head.weight.shape[1]), device=ft.head.weight.device)
+    head_ms = ms_per_item(lambda: ft.head(feats), len(test))
+    costs: dict[str, Any] = {"fit_seconds": round(ft.fit_seconds, 4), "trainable_params": ft.trainable_params,
+                             "predict_ms_per_item": head_ms,
+                             "encoder_ms_per_item": encoder_cost(work, emb, "test", encoder_ms)}
+    costs["predict_ms_per_item_with_encoder"] = round(head_ms + costs["encoder_ms_per_item"], 4)
+    costs["peak_rss_mb"] = peak_rss_mb()
+    return costs
+
+
+def _add_wise_ft(result: RunResult, encoder: Encoder, ft: FinetuneResult, emb: LabelledEmbeddings,
+                 store: EmbeddingStore, alphas: Sequence[float], also_eval: LabelledEmbeddings | None,
+                 template_list: list[str], config: FinetuneConfig, n_boot: int, seed: int) -> None:
+    """The WiSE-FT curve into ``result``; leaves ``ft`` at the chosen α's weights (what ``save_finetune`` writes)."""
+    from ..train import wise_ft as wft
+
+    curve = wft.wise_ft_curve(encoder, ft, emb, store, alphas, also_eval=also_eval, templates=template_list,
+                              batch_size=config.batch_size)
+    chosen = evaluate(emb.y[eval_split(emb, "test")], curve["scores"], emb.classes, n_boot, seed)
+    result.metrics.update({"wise_ft/alpha": curve["alpha"], "wise_ft/top1": chosen["top1"],
+                           "wise_ft/top1_ci_low": chosen["top1_ci_low"],
+                           "wise_ft/top1_ci_high": chosen["top1_ci_high"]})
+    result.extra["wise_ft"] = record = wft.result_record(curve)
+    result.config["wise_ft"] = {"alphas": list(alphas), "chosen_by": curve["chosen_by"]}
+    wft.apply_alpha(encoder, ft, curve["alpha"])
+    ft.wise_ft = {**record, "test": {k: chosen[k] for k in ("top1", "top1_ci_low", "top1_ci_high")}}
 
 
 def save_finetune(out_dir: str | os.PathLike, ft: FinetuneResult, emb: LabelledEmbeddings,
