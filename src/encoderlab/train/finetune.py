@@ -21,6 +21,7 @@ Images are decoded and transformed every epoch through the encoder's own ``image
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -199,7 +200,10 @@ def lora_targets(encoder: Encoder, groups: Sequence[tuple[str, list[torch.nn.Par
 
 
 def _model(encoder: Encoder) -> torch.nn.Module:
-    model = getattr(encoder, "model", None)
+    """The module whose parameters train: the encoder's ``trainable_model`` where it keeps one apart from its
+    inference network (the packaged EfficientNet folds its batch norms for inference), else its ``model``."""
+    trainable = getattr(encoder, "trainable_model", None)
+    model = trainable if isinstance(trainable, torch.nn.Module) else getattr(encoder, "model", None)
     if not isinstance(model, torch.nn.Module):
         raise EncoderlabError(f"{encoder.spec!r} has no torch model to fine-tune", "use --train heads")
     return model
@@ -343,6 +347,150 @@ def predict(model: torch.nn.Module, items: ImageItems, batch_size: int) -> np.nd
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
+# ---- the frozen-prefix cache ------------------------------------------------------------------------------
+
+
+@dataclass
+class PrefixSplit:
+    """The tower cut before its first trained group: ``suffix(prefix(pixels))`` is ``tower(pixels)``."""
+
+    cut: str  # the first trained group ("features" for heads: the whole tower is the prefix)
+    prefix: Callable[[torch.Tensor], torch.Tensor]  # pixels -> activations (frozen, deterministic in eval)
+    suffix: Callable[[torch.Tensor], torch.Tensor]  # activations -> tower features, with gradients
+
+
+def prefix_split(encoder: Encoder, tower: torch.nn.Module, plan: TrainPlan, augment: Augment | None
+                 ) -> tuple[PrefixSplit | None, str]:
+    """The frozen prefix to run once per image, or None, with why."""
+    if augment is not None:
+        return None, "augmentation: the prefix sees a different image every epoch"
+    if plan.spec.kind == "heads":
+        return PrefixSplit("features", tower, lambda a: a), "heads: the whole tower is frozen"
+    if plan.spec.kind != "last":
+        return None, f"--train {plan.spec}: every group of the tower trains"
+    from ..encoders.trainable import as_trainable
+
+    names = [n for n, _ in as_trainable(encoder).parameter_groups("image")]
+    first = names[len(names) - plan.spec.n]
+    if names.index(first) == 0:
+        return None, f"--train {plan.spec}: every group of the tower trains"
+    split = getattr(encoder, "image_split", None)
+    parts = split(first) if callable(split) else None
+    if parts is not None:
+        return PrefixSplit(first, parts[0], parts[1]), f"last:{plan.spec.n}: groups before {first} are frozen"
+    generic = _replay_split(encoder, tower, names, first)
+    if generic is None:
+        return None, f"{encoder.spec!r}: no way to run the tower from {first} (no image_split, no block layout)"
+    return generic, f"last:{plan.spec.n}: groups before {first} are frozen (replayed through the model's forward)"
+
+
+def _group_modules(encoder: Encoder, names: list[str]) -> list[list[str]] | None:
+    layout = getattr(encoder, "tower_layout", None)
+    if not callable(layout):
+        return None
+    lay = layout("image")
+    parts = dict((*lay.before, *lay.after))
+    out = []
+    for n in names:
+        if n.startswith("block.") and n[6:].isdigit():
+            out.append([f"{lay.blocks}.{n[6:]}"])
+        elif n in parts:
+            out.append(list(parts[n]))
+        else:
+            return None
+    return out
+
+
+def _replay_split(encoder: Encoder, tower: torch.nn.Module, names: list[str], first: str) -> PrefixSplit | None:
+    """A cut through the model's own forward: the frozen modules are swapped for stubs while the suffix runs (the
+    first returns the cached activations, the others pass their input on); the prefix is a full forward that keeps
+    the last frozen module's output. ``cached_activations`` checks the replay against the full tower."""
+    paths = _group_modules(encoder, names[: names.index(first)])
+    model = getattr(encoder, "model", None)
+    if not paths or not isinstance(model, torch.nn.Module):
+        return None
+    try:
+        frozen = [model.get_submodule(p) for ps in paths for p in ps]
+    except AttributeError:
+        return None
+    shape: list[tuple[int, ...]] = []
+
+    def prefix(pixels: torch.Tensor) -> torch.Tensor:
+        got: list[Any] = []
+        handle = frozen[-1].register_forward_hook(lambda m, a, out: got.append(out))
+        try:
+            tower(pixels)
+        finally:
+            handle.remove()
+        if not got or not isinstance(got[-1], torch.Tensor):
+            raise EncoderlabError("the last frozen module returns no tensor", "prefix caching is not possible")
+        shape[:] = [tuple(pixels.shape[1:])]
+        return got[-1]
+
+    @contextlib.contextmanager
+    def stubs(acts: torch.Tensor):
+        def entry(*a: Any, **k: Any) -> torch.Tensor:
+            return acts
+
+        def passthrough(*a: Any, **k: Any) -> Any:
+            return a[0] if a else next(iter(k.values()))
+
+        for i, m in enumerate(frozen):
+            m.forward = entry if i == 0 else passthrough  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            for m in frozen:
+                del m.forward
+
+    def suffix(acts: torch.Tensor) -> torch.Tensor:
+        dummy = torch.zeros((), device=acts.device).expand(acts.shape[0], *shape[0])
+        with stubs(acts):
+            return tower(dummy)
+
+    return PrefixSplit(first, prefix, suffix)
+
+
+class PrefixCache:
+    """Outputs of the frozen prefix per image, in memory for one fit, keyed by (encoder fingerprint before
+    training, cut, image content key) so a store can hold them later."""
+
+    def __init__(self, encoder: Encoder, split: PrefixSplit, batch_size: int) -> None:
+        self.split, self.batch_size = split, batch_size
+        self.fingerprint = encoder.fingerprint("image")
+        self.device = encoder.device
+        self.entries: dict[tuple[str, str, str], torch.Tensor] = {}
+        self.checked = False
+
+    def key(self, path: str) -> tuple[str, str, str]:
+        from ..hashing import image_key
+
+        return (self.fingerprint, self.split.cut, image_key(path))
+
+    def activations(self, model: FinetuneModel, items: ImageItems) -> torch.Tensor:
+        """[n, ...] prefix outputs of ``items`` (computed in eval mode, once per image content)."""
+        keys = [self.key(p) for p in items.paths]
+        todo = [i for i, k in enumerate(keys) if k not in self.entries]
+        model.eval()
+        with torch.no_grad():
+            for s in range(0, len(todo), self.batch_size):
+                pos = todo[s:s + self.batch_size]
+                pixels = items.pixels(pos)
+                acts = self.split.prefix(pixels).detach()
+                if not self.checked:  # the replay must be the tower: else caching would change the model
+                    full, again = model.tower(pixels).float(), self.split.suffix(acts).float()
+                    err = float((full - again).abs().max()) / (1.0 + float(full.abs().max()))
+                    if err > 1e-5:
+                        raise EncoderlabError(f"prefix replay differs from the tower by {err:.2e}",
+                                              "prefix caching is not possible for this encoder")
+                    self.checked = True
+                for i, a in zip(pos, acts):
+                    self.entries[keys[i]] = a.clone()
+        if not keys:
+            return torch.zeros(0)
+        return torch.stack([self.entries[k] for k in keys]).to(self.device)
+
+
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
@@ -363,6 +511,7 @@ class FinetuneResult:
     config: FinetuneConfig
     lora: dict[str, Any] | None = None
     head0: ClassifierHead | None = None  # the head at step 0: WiSE-FT's zero-shot end (train.wise_ft)
+    prefix_cache: dict[str, Any] = field(default_factory=dict)  # {"enabled": bool, "reason": str, "cut": ...}
     wise_ft: dict[str, Any] | None = None  # set when the weights are a WiSE-FT mix (train.wise_ft.apply_alpha)
 
     def scores(self, emb: LabelledEmbeddings, split: str, batch_size: int = 64) -> np.ndarray:
@@ -390,11 +539,15 @@ def finetune_classifier(
     checkpoint_dir: Path | None = None,
     resume: bool = True,
     run_config: dict[str, Any] | None = None,
+    prefix_cache: bool | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``encoder`` (changed in place) on ``emb``'s train images; early stopping on val accuracy.
 
     ``emb`` are the frozen encoder's labelled image embeddings (their rows and splits define the items; LP-FT fits
     its probe on them). Without val items every epoch runs and the last is kept.
+
+    ``prefix_cache`` (None: whenever valid): run the frozen prefix (everything before the first trained group)
+    once per image and train the rest from its cached outputs; the same losses and gradients, far fewer FLOPs.
     """
     plan = plan or plan_training(encoder, config)
     if emb.modality != "image":
@@ -413,10 +566,37 @@ def finetune_classifier(
     val_items = split_items(encoder, emb, va)
     y_tr = torch.as_tensor(emb.y[tr], dtype=torch.long, device=dev)
     y_va = emb.y[va]
+    t0 = time.perf_counter()
+    split, why = prefix_split(encoder, tower, plan, augment) if prefix_cache is not False else (None, "switched off")
+    cache_info: dict[str, Any] = {"enabled": split is not None, "reason": why}
+    acts_tr = acts_va = None
+    if split is not None:
+        try:
+            cache = PrefixCache(encoder, split, config.batch_size)
+            acts_tr = cache.activations(model, train_items)
+            acts_va = cache.activations(model, val_items) if va.size else None
+            cache_info.update(cut=split.cut, items=len(cache.entries), seconds=round(time.perf_counter() - t0, 3),
+                              bytes=int(sum(a.numel() * a.element_size() for a in cache.entries.values())))
+        except Exception as e:  # noqa: BLE001 - the cache is an optimization: train uncached, and say why
+            acts_tr = acts_va = None
+            why = e.message if isinstance(e, EncoderlabError) else f"{type(e).__name__}: {e}"
+            cache_info = {"enabled": False, "reason": f"prefix replay failed ({why})"}
 
     def step(idx: torch.Tensor) -> torch.Tensor:
-        logits = model(train_items.pixels(idx.tolist()))
+        if acts_tr is not None:
+            logits = model.head(split.suffix(acts_tr[idx.to(acts_tr.device)]))  # type: ignore[union-attr]
+        else:
+            logits = model(train_items.pixels(idx.tolist()))
         return F.cross_entropy(logits.float(), y_tr[idx.to(dev)], label_smoothing=config.label_smoothing)
+
+    def val_logits() -> np.ndarray:
+        if acts_va is None:
+            return predict(model, val_items, config.batch_size)
+        model.eval()
+        with torch.no_grad():
+            out = [model.head(split.suffix(acts_va[s:s + config.batch_size])).float().cpu()  # type: ignore
+                   for s in range(0, len(acts_va), config.batch_size)]
+        return torch.cat(out).numpy()
 
     epochs_seen = [0]
 
@@ -424,7 +604,7 @@ def finetune_classifier(
         epochs_seen[0] += 1
         if va.size == 0:  # nothing to choose on: the latest epoch is the best
             return float(epochs_seen[0]), {}
-        logits = predict(model, val_items, config.batch_size)
+        logits = val_logits()
         acc = float((logits.argmax(axis=1) == y_va).mean())
         loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_va)))
         return acc, {"val_top1": acc, "val_loss": loss}
@@ -435,7 +615,6 @@ def finetune_classifier(
     groups = decay_groups(model.named_parameters(), config.weight_decay)
     if not groups:
         raise EncoderlabError("nothing to train (every parameter is frozen)", "drop --freeze-norms or train more")
-    t0 = time.perf_counter()
     fitted = fit(model, step, int(tr.size), groups, evaluate, settings, progress=progress, desc="finetune",
                  checkpoint_dir=checkpoint_dir, resume=resume, run_config=run_config)
     fit_seconds = time.perf_counter() - t0
@@ -443,7 +622,7 @@ def finetune_classifier(
     tower_state, lora = _finish(encoder, plan, config)
     model.eval()
     return FinetuneResult(encoder, model, head, plan, fitted, fit_seconds, trainable, tower_state, init,
-                          {"train": tr, "val": va}, config, lora, head0=head0)
+                          {"train": tr, "val": va}, config, lora, head0=head0, prefix_cache=cache_info)
 
 
 def _finish(encoder: Encoder, plan: TrainPlan, config: FinetuneConfig
