@@ -40,11 +40,17 @@ def register(sub: Any) -> None:
                    "encoderlab finetune --encoder hf-vision:facebook/dinov2-small --data folder:~/pets --train "
                    "lora:4 --label-smoothing 0.1 --out ~/models/pets-lora --json\n"
                    "encoderlab zeroshot --encoder local:~/models/emoji-last2 --data emoji   # the tuned image tower")
-    p.add_argument("--objective", choices=["classify"], default="classify",
-                   help="training objective: classify (cross-entropy on the labels; default: %(default)s)")
-    p.add_argument("--train", default=d.train, metavar="heads|last:N|lora:R|all",
+    p.add_argument("--objective", choices=["classify", "contrastive"], default="classify",
+                   help="training objective: classify (cross-entropy on the labels) or contrastive (FLYP: the "
+                        "pretraining loss on image-caption pairs, InfoNCE or SigLIP's sigmoid; test retrieval) "
+                        "(default: %(default)s)")
+    p.add_argument("--train", default=None, metavar="heads|last:N|lora:R|all",
                    help="what trains: heads (towers locked), last:N (the image tower's last N parameter groups + "
-                        "head), lora:R (rank-R LoRA on attention q/k/v, merged), all (default: %(default)s)")
+                        "head), lora:R (rank-R LoRA on attention q/k/v, merged), all (default: heads for classify, "
+                        "all for contrastive, which refuses heads)")
+    p.add_argument("--lock", choices=["text", "image", "none"], default="text",
+                   help="with --objective contrastive: the tower that stays frozen; --train applies to the other "
+                        "(none: to both) (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=d.epochs,
                    help="maximum epochs, >= 1; the best on val accuracy is kept (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=None, help=f"AdamW learning rate, > 0 (default: {lrs})")
@@ -96,7 +102,9 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from ..train import checkpoint
     from ..train.finetune import FinetuneConfig, plan_training
 
-    config = FinetuneConfig(objective=args.objective, train=args.train, epochs=args.epochs, lr=args.lr,
+    if args.objective == "contrastive":
+        return _cmd_contrastive(args)
+    config = FinetuneConfig(objective=args.objective, train=args.train or d_train(), epochs=args.epochs, lr=args.lr,
                             batch_size=args.batch_size, patience=args.patience,
                             label_smoothing=args.label_smoothing, freeze_norms=args.freeze_norms, seed=args.seed,
                             precision="auto")
@@ -137,6 +145,56 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         if "wise_ft" in result.extra:
             say(_wise_ft_lines(result.extra["wise_ft"], m))
         say(costs_line(result.costs))
+        say(f"model: {saved}  (use it as --encoder local:{saved})")
+    return out
+
+
+def d_train() -> str:
+    from ..train.finetune import FinetuneConfig
+
+    return FinetuneConfig().train
+
+
+def _cmd_contrastive(args: argparse.Namespace) -> dict[str, Any]:
+    """``--objective contrastive``: check everything, fine-tune on image-caption pairs, save, test retrieval."""
+    from ..encoders.finetuned import EVAL_NAME, check_output_dir
+    from ..results import write_run
+    from ..results.run import check_out_dir
+    from ..rungs.finetune import run_finetune_contrastive, save_finetune_contrastive
+    from ..train import checkpoint
+    from ..train.finetune_contrastive import ContrastiveConfig, check_captions, plan_contrastive
+
+    if args.wise_ft is not None or args.also_eval is not None:
+        raise EncoderlabError("--wise-ft / --also-eval are for --objective classify",
+                              "drop them with --objective contrastive")
+    config = ContrastiveConfig(train=args.train or ContrastiveConfig().train, lock=args.lock, epochs=args.epochs,
+                               lr=args.lr, batch_size=args.batch_size, patience=args.patience,
+                               freeze_norms=args.freeze_norms, seed=args.seed, precision="auto")
+    config.check()  # --train heads / a bad --lock fail before anything is read
+    check_spec(args.encoder)
+    model_dir = Path(args.out).expanduser()
+    check_output_dir(model_dir)
+    check_out_dir(model_dir, fix="pass an --out DIR in a directory you can write to")
+    store = open_store(args)
+    ds = load_data(args, whole=True).ensure_validation(seed=args.seed)
+    check_captions(ds)
+    encoder = make_encoder(args)
+    plan_contrastive(encoder, config)
+    work = checkpoint.work_dir(model_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    result, ft = run_finetune_contrastive(encoder, ds, store, config=config, n_boot=args.n_boot, seed=args.seed,
+                                          progress=progress(args), copy=False, checkpoint_dir=work,
+                                          resume=not args.no_resume)
+    saved = save_finetune_contrastive(model_dir, ft, ds, result)
+    write_run(result, saved / EVAL_NAME)
+    shutil.rmtree(work, ignore_errors=True)
+    out = result.to_json()
+    out.update(model_dir=str(saved), spec=f"local:{saved}", run_dir=str(saved / EVAL_NAME))
+    if not args.json:
+        m = result.metrics
+        say(f"finetune --objective contrastive --train {ft.plan.spec} (lock {config.lock}): test i2t R@1 "
+            f"{m['i2t_R@1']:.3f}, t2i R@1 {m['t2i_R@1']:.3f}, best epoch {ft.fitted.best_epoch} of "
+            f"{len(ft.fitted.history)}")
         say(f"model: {saved}  (use it as --encoder local:{saved})")
     return out
 

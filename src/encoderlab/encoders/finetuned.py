@@ -11,6 +11,8 @@ The base is rebuilt from its spec, so the directory stays small.
 
 The loaded encoder is the base with the fine-tuned image tower (and, for a dual encoder, the unchanged text tower),
 so zeroshot, probe, retrieval and compare run on it like on any encoder; ``classifier()`` gives the trained head.
+A model fine-tuned with ``--objective contrastive`` has no classifier (``"classifier": null``, no classifier file);
+its tower file may hold text-tower tensors and the model's ``logit_scale`` / ``logit_bias``, which set its scores.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def _kind(path: Path) -> str | None:
 
 
 def save_finetuned(out_dir: str | os.PathLike, config: dict[str, Any], tower: Mapping[str, torch.Tensor],
-                   head: ClassifierHead, *, training_items: TrainingItems | None = None) -> Path:
+                   head: ClassifierHead | None, *, training_items: TrainingItems | None = None) -> Path:
     """Write the config, the changed tower tensors, the classifier and the training items; swapped in atomically."""
     from safetensors.torch import save as st_save
 
@@ -168,8 +170,9 @@ def save_finetuned(out_dir: str | os.PathLike, config: dict[str, Any], tower: Ma
     meta = {"format": "pt", "kind": KIND}
     with replace_entries(out, MODEL_FILES, commit=CONFIG_NAME) as tmp:
         atomic_write_bytes(tmp / TOWER_NAME, st_save(plain(tower), metadata=meta))
-        atomic_write_bytes(tmp / CLASSIFIER_NAME, st_save(plain({"weight": head.weight, "bias": head.bias}),
-                                                          metadata=meta))
+        if head is not None:  # contrastive fine-tuning trains no classifier
+            atomic_write_bytes(tmp / CLASSIFIER_NAME, st_save(plain({"weight": head.weight, "bias": head.bias}),
+                                                              metadata=meta))
         if training_items is not None:
             atomic_write_bytes(tmp / TRAINING_ITEMS_NAME, encode_training_items(training_items))
         atomic_write_json(tmp / CONFIG_NAME, config)
@@ -226,10 +229,18 @@ class FinetunedEncoder(Encoder):
             if lora:
                 merge_lora_state(model, lora, float(cfg["train"]["lora"]["scaling"]), what=self.spec)
             getattr(self.base, "_weights_changed", lambda: None)()  # the base's cached weight digest is stale
-        head_t = _load_tensors(self.path / CLASSIFIER_NAME)
-        head_cfg = cfg["classifier"]
-        self.head = ClassifierHead(head_cfg["kind"], head_t["weight"], head_t["bias"], float(head_cfg["scale"]))
-        self.classes = [str(c) for c in head_cfg["classes"]]
+            with torch.no_grad():  # a contrastive fine-tune trains the temperature (and SigLIP's bias) too
+                if "logit_scale" in tower:
+                    self.base.logit_scale = float(tower["logit_scale"].float().exp())
+                if "logit_bias" in tower:
+                    self.base.logit_bias = float(tower["logit_bias"].float())
+        head_cfg = cfg.get("classifier")
+        self.head: ClassifierHead | None = None
+        self.classes: list[str] = []
+        if head_cfg is not None:
+            head_t = _load_tensors(self.path / CLASSIFIER_NAME)
+            self.head = ClassifierHead(head_cfg["kind"], head_t["weight"], head_t["bias"], float(head_cfg["scale"]))
+            self.classes = [str(c) for c in head_cfg["classes"]]
         self.modalities = self.base.modalities
         self.embed_dim = self.base.embed_dim
         self.score_kind = self.base.score_kind
@@ -237,7 +248,7 @@ class FinetunedEncoder(Encoder):
         self.device, self.precision = device, precision
         self.text_max_length = self.base.text_max_length
         self.preferred_batch_size = self.base.preferred_batch_size
-        self._head_digest = state_dict_digest(self.head)
+        self._head_digest = state_dict_digest(self.head) if self.head is not None else None
 
     def fingerprint_parts(self) -> dict[str, Any]:
         from .aligned import tower_fingerprint
@@ -260,6 +271,9 @@ class FinetunedEncoder(Encoder):
 
     def classifier(self) -> SavedClassifier:
         """The trained head over this encoder's image embeddings (class order: ``self.classes``)."""
+        if self.head is None:
+            raise EncoderlabError(f"{self.spec!r} was fine-tuned contrastively and has no classifier",
+                                  "classify with zeroshot or probe on it, or fine-tune with --objective classify")
         return SavedClassifier(self.head, self.classes)
 
     def image_transform(self) -> Any:

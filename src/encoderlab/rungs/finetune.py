@@ -228,3 +228,89 @@ RUNG = register_rung(Rung("finetune", level=4, rank=0, task="classification", ne
                           features="joint", run=_run, supports=_supports,
                           description="fine-tune the image tower + a zero-shot / linear-probe initialised classifier "
                                       "(FLYP-style init, LP-FT), full train split"))
+
+
+# ---- --objective contrastive: FLYP-style fine-tuning on image–caption pairs, test retrieval --------------------
+
+
+def run_finetune_contrastive(
+    encoder: Encoder,
+    dataset: Any,
+    store: EmbeddingStore,
+    *,
+    config: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+    copy: bool = True,
+    checkpoint_dir: Path | None = None,
+    resume: bool = True,
+) -> tuple[RunResult, Any]:
+    """Fine-tune (a copy of) ``encoder`` contrastively on ``dataset``'s train pairs (early stopping on val retrieval),
+    then report test retrieval of the tuned encoder (``run_retrieval``); returns the result and the fit."""
+    from ..encoders.aligned import tower_fingerprint
+    from ..train.finetune_contrastive import ContrastiveConfig, check_captions, finetune_contrastive, plan_contrastive
+    from .retrieval import run_retrieval
+
+    config = config or ContrastiveConfig(seed=seed)
+    check_captions(dataset)  # every check before any work
+    plan = plan_contrastive(encoder, config)
+    if "test" not in dataset.splits:
+        raise EncoderlabError(f"dataset {dataset.source!r} has no test split", "make splits with --split-ratios")
+    base_fp = tower_fingerprint(encoder)
+    work = fresh_copy(encoder) if copy else encoder
+    ids = {s: sorted(map(str, dataset.table.loc[dataset.table["split"] == s, "id"])) for s in ("train", "val")}
+    run_config = {"base": base_fp, "objective": "contrastive", "train": str(plan.spec), "lock": config.lock,
+                  "freeze_norms": config.freeze_norms, "data": json_digest([ids["train"], ids["val"]])}
+    ft = finetune_contrastive(work, dataset, config, plan=plan, progress=progress, checkpoint_dir=checkpoint_dir,
+                              resume=resume, run_config=run_config)
+    ft.init["base_fingerprint"], ft.init["base_spec"] = base_fp, encoder.spec
+    result = run_retrieval(work, dataset, store, split="test", n_boot=n_boot, seed=seed, progress=progress)
+    fitted, va = ft.fitted, ft.splits["val"]
+    result.costs.update(fit_seconds=round(ft.fit_seconds, 4), trainable_params=ft.trainable_params,
+                        peak_rss_mb=peak_rss_mb())
+    result.config.update({
+        "method": "finetune-contrastive", "encoder": encoder.spec, "objective": "contrastive",
+        "train": str(plan.spec), "lock": config.lock, "towers": list(plan.towers), "groups": plan.groups,
+        "lora_targets": len(plan.lora_targets), "loss": "sigmoid" if plan.score_kind == "sigmoid" else "infonce",
+        "finetune": config.describe(), "selection": "val" if len(va) else "fixed", "val_metric_name":
+        "mean of i2t_R@1 and t2i_R@1", "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
+        "val_metric": fitted.best_metric if len(va) else None, "history": fitted.history, "init": dict(ft.init)})
+    return result, ft
+
+
+def save_finetune_contrastive(out_dir: str | os.PathLike, ft: Any, dataset: Any, result: RunResult | None = None
+                              ) -> Path:
+    """Save what changed (tower tensors of both towers, temperature, bias) with the base spec and training record;
+    no classifier (the model loads as a dual encoder, ``local:DIR``)."""
+    from ..encoders.aligned import portable_spec
+    from ..encoders.finetuned import FORMAT_VERSION, KIND, save_finetuned
+    from ..hashing import text_key
+
+    model_dir = Path(out_dir)
+    fitted = ft.fitted
+    tr, va = ft.splits["train"], ft.splits["val"]
+    config = {
+        "kind": KIND, "format_version": FORMAT_VERSION,
+        "base": portable_spec(str(ft.init["base_spec"]), model_dir), "base_fingerprint": ft.init["base_fingerprint"],
+        "classifier": None,
+        "train": {
+            "spec": str(ft.plan.spec), "objective": "contrastive", "lock": ft.config.lock,
+            "towers": list(ft.plan.towers), "groups": ft.plan.groups, "n_groups": ft.plan.n_groups, "lora": ft.lora,
+            "settings": ft.config.describe(), "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
+            "val_metric_name": "mean of i2t_R@1 and t2i_R@1", "val_metric": fitted.best_metric if len(va) else None,
+            "val": ft.val_metrics, "history": fitted.history, "total_steps": fitted.total_steps,
+            "warmup_steps": fitted.warmup_steps, "precision": fitted.precision,
+            "init": {k: v for k, v in ft.init.items() if k not in ("base_fingerprint", "base_spec")},
+            "costs": {"fit_seconds": round(ft.fit_seconds, 3), "trainable_params": ft.trainable_params},
+            "counts": {"train_pairs": len(tr), "val_pairs": len(va), "train_images": len(tr.items),
+                       "val_images": len(va.items)},
+            "data": data_provenance(dataset, {"train": tr.ids, "val": va.ids}),
+        },
+    }
+    if result is not None:
+        config["test"] = {k: result.metrics.get(k) for k in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5")}
+    items = TrainingItems(train={"image": frozenset(tr.image_keys), "text": frozenset(map(text_key, tr.captions))},
+                          val={"image": frozenset(va.image_keys), "text": frozenset(map(text_key, va.captions))},
+                          source=dataset.source)
+    return save_finetuned(model_dir, config, ft.tower_state, None, training_items=items)

@@ -155,7 +155,7 @@ class TrainPlan:
     head_init: str = "zeroshot"
 
 
-def _dual(encoder: Encoder) -> bool:
+def is_dual(encoder: Encoder) -> bool:
     return "image" in encoder.modalities and "text" in encoder.modalities
 
 
@@ -166,8 +166,8 @@ def plan_training(encoder: Encoder, config: FinetuneConfig) -> TrainPlan:
     config.check()
     encoder.check_modality("image")
     spec = config.spec
-    head_init = config.head_init if config.head_init != "auto" else ("zeroshot" if _dual(encoder) else "probe")
-    if head_init == "zeroshot" and not _dual(encoder):
+    head_init = config.head_init if config.head_init != "auto" else ("zeroshot" if is_dual(encoder) else "probe")
+    if head_init == "zeroshot" and not is_dual(encoder):
         raise EncoderlabError(f"a zero-shot head needs a dual encoder; {encoder.spec!r} encodes "
                               f"{'+'.join(encoder.modalities)}", "use head init probe (LP-FT) for single towers")
     plan = TrainPlan(spec, head_init=head_init)
@@ -188,7 +188,7 @@ def plan_training(encoder: Encoder, config: FinetuneConfig) -> TrainPlan:
 
 def lora_targets(encoder: Encoder, groups: Sequence[tuple[str, list[torch.nn.Parameter]]]) -> list[str]:
     """Full names of the image tower's attention q/k/v linear layers (CLIP-LoRA's targets)."""
-    model = _model(encoder)
+    model = trainable_module(encoder)
     tower = {id(p) for _, ps in groups for p in ps}
     names = [name for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in QKV_NAMES
@@ -199,7 +199,7 @@ def lora_targets(encoder: Encoder, groups: Sequence[tuple[str, list[torch.nn.Par
     return names
 
 
-def _model(encoder: Encoder) -> torch.nn.Module:
+def trainable_module(encoder: Encoder) -> torch.nn.Module:
     """The module whose parameters train: the encoder's ``trainable_model`` where it keeps one apart from its
     inference network (the packaged EfficientNet folds its batch norms for inference), else its ``model``."""
     trainable = getattr(encoder, "trainable_model", None)
@@ -228,7 +228,7 @@ def prepare_tower(encoder: Encoder, plan: TrainPlan, config: FinetuneConfig) -> 
     from ..encoders.trainable import as_trainable
 
     enc = as_trainable(encoder)
-    model = _model(encoder)
+    model = trainable_module(encoder)
     model.requires_grad_(False)
     if plan.spec.kind == "lora":
         try:
@@ -630,10 +630,10 @@ def _finish(encoder: Encoder, plan: TrainPlan, config: FinetuneConfig
     """What changed in the tower (to save), with LoRA merged into the weights; everything frozen again."""
     if plan.spec.kind == "heads":
         return {}, None
-    model = _model(encoder)
+    model = trainable_module(encoder)
     lora = None
     if plan.spec.kind == "lora":
-        state, scaling = _unload_lora(model)
+        state, scaling = unload_lora(model)
         merge_lora_state(model, state, scaling, what=encoder.spec)
         lora = {"rank": plan.spec.n, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                 "scaling": scaling, "targets": plan.lora_targets}
@@ -649,7 +649,7 @@ def _finish(encoder: Encoder, plan: TrainPlan, config: FinetuneConfig
     return state, lora
 
 
-def _unload_lora(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], float]:
+def unload_lora(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], float]:
     """Replace every peft LoRA layer by its base layer; returns the factors ``lora.<name>.A/B`` and the scaling."""
     from peft.tuners.lora import LoraLayer
 

@@ -28,7 +28,7 @@ from ..encoders.finetuned import LORA_PREFIX
 from ..errors import EncoderlabError
 from ..extract.labelled import LabelledEmbeddings
 from ..store import EmbeddingStore
-from .finetune import FinetuneResult, _dual, _model, predict, split_items
+from .finetune import FinetuneResult, is_dual, predict, split_items, trainable_module
 
 #: a finer grid costs one val + test (+ also-eval) pass per α and chooses nothing better on small val sets
 MAX_ALPHAS = 101
@@ -80,7 +80,7 @@ def check_wise_ft(encoder: Encoder, emb: LabelledEmbeddings, alphas: Sequence[fl
         raise EncoderlabError("WiSE-FT chooses alpha on the val split, which has no labelled items",
                               "make one with --split-ratios train=0.6,val=0.2,test=0.2")
     if also_eval is not None:
-        if not _dual(encoder):
+        if not is_dual(encoder):
             raise EncoderlabError(f"--also-eval classifies zero-shot, which needs a dual encoder; {encoder.spec!r} "
                                   f"encodes {'+'.join(encoder.modalities)}", "drop --also-eval for single towers")
         if also_eval.modality != "image" or not also_eval.classes or not (also_eval.y >= 0).any():
@@ -175,12 +175,12 @@ def endpoints(base_encoder: Encoder, trained: FinetuneResult) -> Endpoints:
             if tower_fingerprint(base_encoder) != trained_fp:
                 raise EncoderlabError(f"the base encoder {base_encoder.spec!r} is not the one that was fine-tuned "
                                       "(its fingerprint differs)", "pass the encoder the fine-tune started from")
-        base = _entries(_model(base_encoder))
+        base = _entries(trainable_module(base_encoder))
         missing = [k for k in keys if k not in base]
         if missing:
             raise EncoderlabError(f"the base encoder {base_encoder.spec!r} has no tensors {missing[:3]}",
                                   "pass the encoder the fine-tune started from")
-        parts["model"] = _model(trained.encoder)
+        parts["model"] = trainable_module(trained.encoder)
         theta0 = {f"model.{k}": base[k].detach().clone() for k in keys}
     module = torch.nn.ModuleDict(parts)  # a view naming both: registering children changes neither module
     head_keys = ["weight"] + (["bias"] if trained.head.kind == "linear" else [])  # a cosine head's bias never trains
@@ -288,7 +288,7 @@ def apply_alpha(base_encoder: Encoder, trained: FinetuneResult, alpha: float) ->
     if trained.lora is not None:
         trained.tower_state = {k: v * alpha if k.endswith(".B") else v.clone() for k, v in trained.tower_state.items()}
     else:
-        model = _entries(_model(trained.encoder)) if trained.tower_state else {}
+        model = _entries(trainable_module(trained.encoder)) if trained.tower_state else {}
         trained.tower_state = {k: model[k].detach().clone() for k in trained.tower_state}
     _weights_changed(trained.encoder)
 
