@@ -525,6 +525,67 @@ def split_items(encoder: Encoder, emb: LabelledEmbeddings, positions: np.ndarray
     return ImageItems(paths, encoder.image_transform(), augment, cache=cache)
 
 
+def _objective(model: Any, split: Any, acts_tr: Any, acts_va: Any, train_items: Any, val_items: Any,
+               y_tr: torch.Tensor, y_va: np.ndarray, config: FinetuneConfig) -> tuple[Any, Any]:
+    """The loop's ``step`` (cross-entropy on a batch, from cached prefix activations when there are some) and its
+    ``evaluate`` (val accuracy; without val items the latest epoch counts as the best)."""
+    dev = y_tr.device
+    va_size = len(y_va)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        if acts_tr is not None:
+            logits = model.head(split.suffix(acts_tr[idx.to(acts_tr.device)]))  # type: ignore[union-attr]
+        else:
+            logits = model(train_items.pixels(idx.tolist()))
+        return F.cross_entropy(logits.float(), y_tr[idx.to(dev)], label_smoothing=config.label_smoothing)
+
+    def val_logits() -> np.ndarray:
+        if acts_va is None:
+            return predict(model, val_items, config.batch_size)
+        model.eval()
+        with torch.no_grad():
+            out = [model.head(split.suffix(acts_va[s:s + config.batch_size])).float().cpu()  # type: ignore
+                   for s in range(0, len(acts_va), config.batch_size)]
+        return torch.cat(out).numpy()
+
+    epochs_seen = [0]
+
+    def evaluate() -> tuple[float, dict[str, float]]:
+        epochs_seen[0] += 1
+        if va_size == 0:  # nothing to choose on: the latest epoch is the best
+            return float(epochs_seen[0]), {}
+        logits = val_logits()
+        acc = float((logits.argmax(axis=1) == y_va).mean())
+        loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_va)))
+        return acc, {"val_top1": acc, "val_loss": loss}
+
+    return step, evaluate
+
+
+def _prefix_activations(encoder: Encoder, tower: Any, plan: TrainPlan, augment: Augment | None, model: Any,
+                        train_items: Any, val_items: Any, has_val: bool, config: FinetuneConfig,
+                        prefix_cache: bool | None) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """``(split, train activations, val activations, record)`` of the frozen-prefix cache, or Nones and why not.
+
+    The cache is an optimization: when building it fails, training runs uncached and the record says why.
+    """
+    t0 = time.perf_counter()
+    split, why = prefix_split(encoder, tower, plan, augment) if prefix_cache is not False else (None, "switched off")
+    info: dict[str, Any] = {"enabled": split is not None, "reason": why}
+    if split is None:
+        return None, None, None, info
+    try:
+        cache = PrefixCache(encoder, split, config.batch_size)
+        acts_tr = cache.activations(model, train_items)
+        acts_va = cache.activations(model, val_items) if has_val else None
+    except Exception as e:  # noqa: BLE001 - the cache is an optimization: train uncached, and say why
+        why = e.message if isinstance(e, EncoderlabError) else f"{type(e).__name__}: {e}"
+        return None, None, None, {"enabled": False, "reason": f"prefix replay failed ({why})"}
+    info.update(cut=split.cut, items=len(cache.entries), seconds=round(time.perf_counter() - t0, 3),
+                bytes=int(sum(a.numel() * a.element_size() for a in cache.entries.values())))
+    return split, acts_tr, acts_va, info
+
+
 def finetune_classifier(
     encoder: Encoder,
     emb: LabelledEmbeddings,
@@ -567,47 +628,10 @@ def finetune_classifier(
     y_tr = torch.as_tensor(emb.y[tr], dtype=torch.long, device=dev)
     y_va = emb.y[va]
     t0 = time.perf_counter()
-    split, why = prefix_split(encoder, tower, plan, augment) if prefix_cache is not False else (None, "switched off")
-    cache_info: dict[str, Any] = {"enabled": split is not None, "reason": why}
-    acts_tr = acts_va = None
-    if split is not None:
-        try:
-            cache = PrefixCache(encoder, split, config.batch_size)
-            acts_tr = cache.activations(model, train_items)
-            acts_va = cache.activations(model, val_items) if va.size else None
-            cache_info.update(cut=split.cut, items=len(cache.entries), seconds=round(time.perf_counter() - t0, 3),
-                              bytes=int(sum(a.numel() * a.element_size() for a in cache.entries.values())))
-        except Exception as e:  # noqa: BLE001 - the cache is an optimization: train uncached, and say why
-            acts_tr = acts_va = None
-            why = e.message if isinstance(e, EncoderlabError) else f"{type(e).__name__}: {e}"
-            cache_info = {"enabled": False, "reason": f"prefix replay failed ({why})"}
+    split, acts_tr, acts_va, cache_info = _prefix_activations(encoder, tower, plan, augment, model, train_items,
+                                                              val_items, va.size > 0, config, prefix_cache)
 
-    def step(idx: torch.Tensor) -> torch.Tensor:
-        if acts_tr is not None:
-            logits = model.head(split.suffix(acts_tr[idx.to(acts_tr.device)]))  # type: ignore[union-attr]
-        else:
-            logits = model(train_items.pixels(idx.tolist()))
-        return F.cross_entropy(logits.float(), y_tr[idx.to(dev)], label_smoothing=config.label_smoothing)
-
-    def val_logits() -> np.ndarray:
-        if acts_va is None:
-            return predict(model, val_items, config.batch_size)
-        model.eval()
-        with torch.no_grad():
-            out = [model.head(split.suffix(acts_va[s:s + config.batch_size])).float().cpu()  # type: ignore
-                   for s in range(0, len(acts_va), config.batch_size)]
-        return torch.cat(out).numpy()
-
-    epochs_seen = [0]
-
-    def evaluate() -> tuple[float, dict[str, float]]:
-        epochs_seen[0] += 1
-        if va.size == 0:  # nothing to choose on: the latest epoch is the best
-            return float(epochs_seen[0]), {}
-        logits = val_logits()
-        acc = float((logits.argmax(axis=1) == y_va).mean())
-        loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_va)))
-        return acc, {"val_top1": acc, "val_loss": loss}
+    step, evaluate = _objective(model, split, acts_tr, acts_va, train_items, val_items, y_tr, y_va, config)
 
     settings = config.loop_settings()
     if va.size == 0:
