@@ -134,9 +134,9 @@ def test_json_usage_errors_are_json_too(capsys):
 
 
 def test_json_numbers_stay_numbers(capsys, color, tmp_path):
-    from encoderlab.cli import _json_default
+    from encoderlab.results.run import json_default
 
-    assert json.loads(json.dumps({"a": np.float64(0.5), "b": np.int64(3)}, default=_json_default)) == {"a": 0.5, "b": 3}
+    assert json.loads(json.dumps({"a": np.float64(0.5), "b": np.int64(3)}, default=json_default)) == {"a": 0.5, "b": 3}
     assert main(["embed", "--encoder", "test-color", "--data", color, "--store", str(tmp_path / "s"), "--out",
                  str(tmp_path / "r"), "--workers", "0", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -16,12 +16,12 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import EncoderlabError
+from ..results.run import json_default
 from . import align, coop, data, embed, encoders, finetune, rungs, store
 from .options import FORMATTER, examples, remove_unused_run_dir
 
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       {"error": f"{type(e).__name__}: {e}", "internal": True,
                        "fix": "rerun with --debug for the traceback"}, as_json)
     if getattr(args, "json", False):
-        print(json.dumps(result, default=_json_default))
+        print(json.dumps(result, default=json_default))
     return 0 if result.get("ok", True) else 1
 
 
@@ -153,7 +153,7 @@ def _error(line: str, doc: dict[str, Any], as_json: bool) -> int:
     """The one stderr line of a failure, and with ``--json`` its JSON object on stdout; returns exit code 1."""
     print(f"encoderlab: {line}", file=sys.stderr)
     if as_json:
-        print(json.dumps(doc, default=_json_default))
+        print(json.dumps(doc, default=json_default))
     return 1
 
 
@@ -196,21 +196,6 @@ class _sigterm_as_interrupt:
     def __exit__(self, *exc: object) -> None:
         if self.active:
             signal.signal(signal.SIGTERM, self.previous)
-
-
-def _json_default(o: Any) -> Any:
-    """numpy scalars and arrays as plain JSON numbers and lists (``str`` would turn 0.5 into "0.5")."""
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return None if np.isnan(o) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 if __name__ == "__main__":

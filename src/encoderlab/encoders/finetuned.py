@@ -18,7 +18,6 @@ its tower file may hold text-tower tensors and the model's ``logit_scale`` / ``l
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json, replace_entries
 from ..errors import EncoderlabError
 from ..hashing import json_digest
 from .base import Encoder, FeatureSource, Modality, TrainingItems, state_dict_digest
-from .local import read_model_config, register_local_kind
+from .local import read_model_config, rebuild_base, register_local_kind
 
 KIND = "finetuned"
 FORMAT_VERSION = 1
@@ -203,17 +202,11 @@ class FinetunedEncoder(Encoder):
     """A base encoder with its fine-tuned image tower (text tower unchanged) and the classifier trained with it."""
 
     def __init__(self, path: str | os.PathLike, *, device: torch.device, precision: str) -> None:
-        from .aligned import resolve_spec, tower_fingerprint
-        from .registry import create_encoder
-
         self.path = Path(path)
         self.config = cfg = read_finetuned_config(self.path)
         self.spec = f"local:{self.path}"
-        self.base = create_encoder(resolve_spec(cfg["base"], self.path), device=str(device), precision=precision)
-        if tower_fingerprint(self.base) != cfg.get("base_fingerprint"):
-            warnings.warn(f"fine-tuned model {str(self.path)!r}: the base encoder {cfg['base']!r} is not the one it "
-                          "was trained from (its fingerprint changed); the saved weights may not fit it (retrain "
-                          "with encoderlab finetune)", UserWarning, stacklevel=3)
+        self.base = rebuild_base(self.path, cfg, device=device, precision=precision, what="fine-tuned model",
+                                 command="finetune")
         tower = _load_tensors(self.path / TOWER_NAME)
         self.tuned = bool(tower)  # heads only: the base's weights are untouched
         if tower:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,24 @@ def read_model_config(path: str | os.PathLike, kind: str, what: str, made_by: st
         raise EncoderlabError(f"{cfg_path} has format_version {cfg.get('format_version')}, newer than this "
                               f"encoderlab reads ({format_version})", "upgrade encoderlab")
     return cfg
+
+
+def rebuild_base(path: Path, cfg: dict[str, Any], *, device: torch.device, precision: str, what: str,
+                 command: str) -> Encoder:
+    """The base encoder a saved model (prompt context, fine-tuned weights) was trained from, rebuilt from its spec.
+
+    A base whose fingerprint differs from the recorded one is loaded with a warning (``what`` names the saved model in
+    it, ``command`` the command that retrains it): the saved weights were fit to the old base.
+    """
+    from .aligned import resolve_spec, tower_fingerprint
+    from .registry import create_encoder
+
+    base = create_encoder(resolve_spec(cfg["base"], path), device=str(device), precision=precision)
+    if tower_fingerprint(base) != cfg.get("base_fingerprint"):
+        warnings.warn(f"{what} {str(path)!r}: the base encoder {cfg['base']!r} is not the one it was trained from "
+                      f"(its fingerprint changed); the saved weights may not fit it (retrain with encoderlab "
+                      f"{command})", UserWarning, stacklevel=4)
+    return base
 
 
 def load_local(target: str, *, device: torch.device, precision: str) -> Encoder:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json, replace_entries
 from ..errors import EncoderlabError
 from ..hashing import bytes_digest, json_digest
 from .base import Encoder, FeatureSource, Modality, TrainingItems, inference_context
-from .local import read_model_config, register_local_kind
+from .local import read_model_config, rebuild_base, register_local_kind
 
 KIND = "prompted"
 FORMAT_VERSION = 1
@@ -408,17 +407,11 @@ class PromptedDualEncoder(Encoder):
     """A base dual encoder whose class texts use a learned CoOp context (see the module docstring's contract)."""
 
     def __init__(self, path: str | os.PathLike, *, device: torch.device, precision: str) -> None:
-        from .aligned import resolve_spec, tower_fingerprint
-        from .registry import create_encoder
-
         self.path = Path(path)
         self.config = cfg = read_prompted_config(self.path)
         self.spec = f"local:{self.path}"
-        self.base = create_encoder(resolve_spec(cfg["base"], self.path), device=str(device), precision=precision)
-        if tower_fingerprint(self.base) != cfg.get("base_fingerprint"):
-            warnings.warn(f"prompt context {str(self.path)!r}: the base encoder {cfg['base']!r} is not the one the "
-                          "context was trained on (its fingerprint changed); the prompts will not match it "
-                          "(retrain with encoderlab coop)", UserWarning, stacklevel=3)
+        self.base = rebuild_base(self.path, cfg, device=device, precision=precision, what="prompt context",
+                                 command="coop")
         self.tower = prompted_tower(self.base)
         self.ctx = load_context(self.path)
         self.n_ctx, self.class_token, self.csc = int(cfg["n_ctx"]), str(cfg["class_token"]), bool(cfg["csc"])

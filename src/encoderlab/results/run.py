@@ -71,7 +71,7 @@ class RunResult:
         out.update(self.extra)
         if self.run_dir is not None:
             out["run_dir"] = str(self.run_dir)
-        return json.loads(json.dumps(out, default=_json_default))
+        return json.loads(json.dumps(out, default=json_default))
 
 
 def clean_numbers(d: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +88,8 @@ def clean_numbers(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """numpy scalars and arrays as plain JSON numbers and lists (NaN as null), paths as strings."""
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):

@@ -230,28 +230,36 @@ def prepare_tower(encoder: Encoder, plan: TrainPlan, config: FinetuneConfig) -> 
     enc = as_trainable(encoder)
     model = trainable_module(encoder)
     model.requires_grad_(False)
-    if plan.spec.kind == "lora":
+    open_trainable(model, enc, plan.spec, {"image": plan.groups}, plan.lora_targets, config)
+    return enc.image_module()
+
+
+def open_trainable(model: torch.nn.Module, enc: Any, spec: TrainSpec, groups: dict[str, Any],
+                   lora_targets: Sequence[str], config: FinetuneConfig) -> None:
+    """Make trainable what ``spec`` says on a frozen ``model``: inject LoRA adapters (seeded, through peft) into
+    ``lora_targets``, or unfreeze the named parameter groups of each tower in ``groups``; ``--freeze-norms`` keeps
+    every norm layer frozen. Shared by the classify and contrastive objectives."""
+    if spec.kind == "lora":
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError:
             raise EncoderlabError("--train lora:R needs the peft library, which is not installed",
                                   "pip install 'encoderlab[finetune]' (or use --train last:N or all)") from None
-
-        lora = LoraConfig(r=plan.spec.n, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=plan.lora_targets, bias="none")
+        lora = LoraConfig(r=spec.n, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=list(lora_targets), bias="none")
         with torch.random.fork_rng(devices=[]):  # LoRA's A init draws from the global RNG: seeded, and left alone
             torch.manual_seed(config.seed)
             inject_adapter_in_model(lora, model)
-    else:
-        for name, params in enc.parameter_groups("image"):
-            if name in plan.groups:
+        return
+    for tower, names in groups.items():
+        for name, params in enc.parameter_groups(tower):
+            if name in names:
                 for p in params:
                     p.requires_grad_(True)
-        if config.freeze_norms:
-            for m in model.modules():
-                if isinstance(m, NORM_TYPES):
-                    m.requires_grad_(False)
-    return enc.image_module()
+    if config.freeze_norms:
+        for m in model.modules():
+            if isinstance(m, NORM_TYPES):
+                m.requires_grad_(False)
 
 
 class FinetuneModel(torch.nn.Module):

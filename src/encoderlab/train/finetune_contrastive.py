@@ -28,11 +28,11 @@ from ..encoders.base import Encoder
 from ..errors import EncoderlabError
 from .finetune import (
     DEFAULT_LR,
-    NORM_TYPES,
     FinetuneConfig,
     ImageItems,
     TrainSpec,
     lora_targets,
+    open_trainable,
     trainable_module,
     unload_lora,
 )
@@ -223,27 +223,7 @@ def prepare_towers(encoder: Encoder, plan: ContrastivePlan, config: ContrastiveC
     enc = as_trainable(encoder)
     model = trainable_module(encoder)
     model.requires_grad_(False)
-    if plan.spec.kind == "lora":
-        try:
-            from peft import LoraConfig, inject_adapter_in_model
-        except ImportError:
-            raise EncoderlabError("--train lora:R needs the peft library, which is not installed",
-                                  "pip install 'encoderlab[finetune]' (or use --train last:N or all)") from None
-        lora = LoraConfig(r=plan.spec.n, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=plan.lora_targets, bias="none")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            inject_adapter_in_model(lora, model)
-    else:
-        for tower in plan.towers:
-            for name, params in enc.parameter_groups(tower):
-                if name in plan.groups[tower]:
-                    for p in params:
-                        p.requires_grad_(True)
-        if config.freeze_norms:
-            for m in model.modules():
-                if isinstance(m, NORM_TYPES):
-                    m.requires_grad_(False)
+    open_trainable(model, enc, plan.spec, {t: plan.groups[t] for t in plan.towers}, plan.lora_targets, config)
     out = ContrastiveModel(encoder, enc.image_module(), enc.text_module())
     for p in (out.logit_scale, out.logit_bias):
         if p is not None:
