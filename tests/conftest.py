@@ -369,3 +369,20 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     _save_model(BertModel(BertConfig(vocab_size=vocab_size, max_position_embeddings=32, **TINY_TEXT)), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_aligned_dir(tmp_path_factory: pytest.TempPathFactory, tiny_vit_dir: Path, tiny_bert_dir: Path) -> Path:
+    """An aligned pair (``local:DIR``): the tiny ViT and BERT towers with seeded random linear heads to 8 dims."""
+    import torch
+
+    from encoderlab.encoders import create_encoder
+    from encoderlab.encoders.aligned import save_aligned
+
+    specs = {"image": f"hf-vision:{tiny_vit_dir}", "text": f"hf-text:{tiny_bert_dir}"}
+    dims = {m: create_encoder(s, device="cpu").embed_dim for m, s in specs.items()}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"{m}.weight": torch.randn(8, d, generator=gen) / d**0.5 for m, d in dims.items()}
+    config = {"kind": "aligned", "format_version": 1, "vision": specs["image"], "text": specs["text"], "dim": 8,
+              "head": "linear", "logit_scale": 10.0, "input_dims": dims, "input_normalize": True}
+    return save_aligned(tmp_path_factory.mktemp("aligned") / "pair", config, tensors)

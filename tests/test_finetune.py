@@ -70,9 +70,20 @@ def test_single_towers_are_trainable_with_ordered_groups(family, request):
     names = [n for n, _ in enc.parameter_groups(tower)]
     blocks = [n for n in names if n.startswith("block.")]
     assert names[0] == "embeddings" and blocks == [f"block.{i}" for i in range(len(blocks))] and len(blocks) == 2
-    assert names[-1] == {"vit": "pooler", "dinov2": "layernorm", "resnet": "block.1", "bert": "pooler"}[family]
+    # the poolers' weights are unused by mean / CLS pooling: no group holds them (last:1 must train something)
+    assert names[-1] == {"vit": "layernorm", "dinov2": "layernorm", "resnet": "block.1", "bert": "block.1"}[family]
     grouped = [p for _, ps in enc.parameter_groups(tower) for p in ps]
-    assert len({id(p) for p in grouped}) == len(list(enc.model.parameters()))  # every parameter, once
+    used = [p for n, p in enc.model.named_parameters() if not n.startswith("pooler.")]
+    assert len({id(p) for p in grouped}) == len(grouped) == len(used)  # every used parameter, once
+    module = enc.image_module() if tower == "image" else enc.text_module()
+    inputs = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) if tower == "image"
+              else enc.tokenize(["a photo of a cat", "a dog"]))
+    module.train()
+    module(inputs).square().sum().backward()
+    module.eval()
+    dead = [n for n, ps in enc.parameter_groups(tower) if not any(p.grad is not None and p.grad.abs().sum() > 0
+                                                                   for p in ps)]
+    assert dead == []  # every group the embedding depends on
     with torch.no_grad():
         if tower == "image":
             x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

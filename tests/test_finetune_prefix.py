@@ -19,9 +19,9 @@ from encoderlab.train.finetune import (
     FinetuneModel,
     finetune_classifier,
     plan_training,
-    prefix_split,
     prepare_tower,
 )
+from encoderlab.train.prefix import prefix_split
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +120,47 @@ def _toy(root, per_class: int = 6) -> Dataset:
 
 @pytest.mark.parametrize("train", ["heads", "last:2"])
 def test_finetune_with_and_without_the_cache_agree(tiny_vit_dir, tmp_path, train):
+    """Uncached, cached in the store (computed, then read back by a second fine-tune), cached in memory: one model."""
     ds, store = _toy(tmp_path / "img"), EmbeddingStore(tmp_path / "store")
-    out = {}
-    for cached in (False, True):
+    out, records = {}, {}
+    for mode in ("off", "store", "store-again", "memory"):
         enc = create_encoder(f"hf-vision:{tiny_vit_dir}", device="cpu")
         emb = labelled_embeddings(enc, ds, store, progress=False)
         cfg = FinetuneConfig(train=train, epochs=2, batch_size=4, lr=1e-3, patience=5)
-        res = finetune_classifier(enc, emb, store, cfg, prefix_cache=None if cached else False)
-        assert res.prefix_cache["enabled"] is cached, res.prefix_cache
-        out[cached] = res.scores(emb, "test")
-    np.testing.assert_allclose(out[True], out[False], atol=1e-4, rtol=1e-4)
+        res = finetune_classifier(enc, emb, store, cfg, prefix_cache=False if mode == "off" else None,
+                                  prefix_cache_store=mode != "memory")
+        assert res.prefix_cache["enabled"] is (mode != "off"), res.prefix_cache
+        out[mode], records[mode] = res.scores(emb, "test"), res.prefix_cache
+    n = 10  # train + val images
+    assert records["store"]["computed"] == n and records["store"]["reused"] == 0
+    assert records["store-again"]["computed"] == 0 and records["store-again"]["reused"] == n
+    assert records["memory"]["where"] == "memory" and records["store"]["where"] == "store"
+    space = store.space(records["store"]["space"])
+    assert space.meta["kind"] == "prefix-activations" and space.meta["cut"] == records["store"]["cut"]
+    for mode in ("store", "store-again", "memory"):
+        np.testing.assert_allclose(out[mode], out["off"], atol=1e-4, rtol=1e-4)
+
+
+def test_damaged_stored_prefix_rows_are_detected_and_training_runs_uncached(tiny_vit_dir, tmp_path):
+    ds, store = _toy(tmp_path / "img"), EmbeddingStore(tmp_path / "store")
+    cfg = FinetuneConfig(train="last:2", epochs=1, batch_size=4, lr=1e-3)
+    enc = create_encoder(f"hf-vision:{tiny_vit_dir}", device="cpu")
+    emb = labelled_embeddings(enc, ds, store, progress=False)
+    first = finetune_classifier(enc, emb, store, cfg).prefix_cache
+    space = store.space(first["space"])
+    keys = space.keys()
+    bad = store.space("f" * 40)  # rewrite the space's rows with noise: a copy under the same fingerprint
+    bad.put(keys, np.random.default_rng(0).normal(size=(len(keys), space.dim)).astype(np.float32))
+    import shutil
+
+    shutil.copy(space.path / "space.json", bad.path / "space.json")
+    shutil.rmtree(space.path)
+    shutil.copytree(bad.path, space.path)
+    store = EmbeddingStore(tmp_path / "store")
+    enc = create_encoder(f"hf-vision:{tiny_vit_dir}", device="cpu")
+    emb = labelled_embeddings(enc, ds, store, progress=False)
+    again = finetune_classifier(enc, emb, store, cfg).prefix_cache
+    assert again["enabled"] is False and "differ" in again["reason"]
 
 
 def test_finetuned_efficientnet_weights_reload_through_the_tower_state(effnet):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_write_bytes, atomic_write_json, interrupted_saves, replace_entries
 from ..errors import EncoderlabError
 from ..hashing import json_digest
+from .aligned_training import TrainablePair
 from .base import Encoder, FeatureSource, Modality, TrainingItems, state_dict_digest
 from .local import read_model_config, register_local_kind
 
@@ -226,8 +227,11 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 # ---- the encoder ------------------------------------------------------------------------------------------
 
 
-class AlignedDualEncoder(Encoder):
-    """A dual encoder made of two frozen towers and the projection heads ``align`` trained on their features."""
+class AlignedDualEncoder(TrainablePair, Encoder):
+    """A dual encoder made of two frozen towers and the projection heads ``align`` trained on their features.
+
+    Trainable as a whole when both towers are (``aligned_training``): ``finetune`` can go past the heads.
+    """
 
     score_kind = "softmax"
 
@@ -289,7 +293,7 @@ class AlignedDualEncoder(Encoder):
             "adapter": KIND,
             "format_version": int(self.config.get("format_version", FORMAT_VERSION)),
             "towers": {m: t.fingerprint(m) for m, t in self.towers.items()},  # type: ignore[arg-type]
-            "heads": self._heads_digest,
+            "heads": self.heads_digest(),
             "head": self.config["head"],
             "dim": self.embed_dim,
             "input_normalize": self.input_normalize,

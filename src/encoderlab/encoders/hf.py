@@ -23,7 +23,7 @@ from ..normalize import normalize_rows
 from .base import Encoder, ScoreKind, inference_context, state_dict_digest
 from .hf_loading import load_config, load_image_processor, load_model, load_tokenizer, output_tensor, split_target
 from .registry import register_prefix
-from .trainable import ModelBackedTrainable, TowerLayout, TowerModule
+from .trainable import ModelBackedTrainable, ParameterGroups, TowerLayout, TowerModule
 
 # ---- family tables -------------------------------------------------------------------------------------
 
@@ -479,6 +479,11 @@ class HFVisionEncoder(ModelBackedTrainable, _HFEncoder):
             raise EncoderlabError(f"{self.spec!r} has no {tower} tower", "use image")
         return single_layout(self.model, self.model_type, self.spec)
 
+    def parameter_groups(self, tower: str) -> ParameterGroups:
+        """The layout's groups, without the pooler's where the embedding does not use it (a group that gets no
+        gradient would make ``last:1`` train nothing)."""
+        return [(n, ps) for n, ps in super().parameter_groups(tower) if n != "pooler" or self.pool == "pooler"]
+
     def image_module(self) -> TowerModule:
         """Pixel values -> pooled features, as in ``encode_pixels`` but fp32 and with gradients."""
 
@@ -567,6 +572,11 @@ class HFTextEncoder(ModelBackedTrainable, _HFEncoder):
         if tower != "text":
             raise EncoderlabError(f"{self.spec!r} has no {tower} tower", "use text")
         return single_layout(self.model, self.model_type, self.spec)
+
+    def parameter_groups(self, tower: str) -> ParameterGroups:
+        """The layout's groups without the pooler's: mean or first-token pooling never uses it (a group that gets no
+        gradient would make ``last:1`` train nothing)."""
+        return [(n, ps) for n, ps in super().parameter_groups(tower) if n != "pooler"]
 
     def text_module(self) -> TowerModule:
         """``tokenize`` dict -> pooled features, as in ``encode_text_batch`` but with gradients."""

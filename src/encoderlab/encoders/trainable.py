@@ -86,6 +86,18 @@ class TowerLayout:
         return list(dict.fromkeys(p.split(".")[0] for p in prefixes))
 
 
+def trainable_module(encoder: object) -> torch.nn.Module:
+    """The module whose parameters train: the encoder's ``trainable_model`` where it keeps one apart from its
+    inference network (the packaged EfficientNet folds its batch norms for inference; an aligned pair joins its
+    towers and heads), else its ``model``."""
+    trainable = getattr(encoder, "trainable_model", None)
+    model = trainable if isinstance(trainable, torch.nn.Module) else getattr(encoder, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise EncoderlabError(f"{getattr(encoder, 'spec', encoder)!r} has no torch model to fine-tune",
+                              "use --train heads")
+    return model
+
+
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 

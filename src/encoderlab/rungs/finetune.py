@@ -28,6 +28,7 @@ from ..hashing import json_digest
 from ..metrics.classification import per_item_topk_correct
 from ..results import RunResult, data_provenance
 from ..store import EmbeddingStore
+from ..train import distributed
 from ..train.finetune import Augment, FinetuneConfig, FinetuneResult, finetune_classifier, plan_training
 from .base import Rung, RungInputs, RungOptions, register_rung
 from .common import encoder_cost, eval_split, evaluate, prediction_rows, seen_in_training
@@ -245,9 +246,10 @@ def run_finetune_contrastive(
     copy: bool = True,
     checkpoint_dir: Path | None = None,
     resume: bool = True,
-) -> tuple[RunResult, Any]:
+) -> tuple[RunResult | None, Any]:
     """Fine-tune (a copy of) ``encoder`` contrastively on ``dataset``'s train pairs (early stopping on val retrieval),
-    then report test retrieval of the tuned encoder (``run_retrieval``); returns the result and the fit."""
+    then report test retrieval of the tuned encoder (``run_retrieval``); returns the result and the fit. Data-parallel
+    (torchrun) only rank 0 tests, the others get None: their encoders would write the same embeddings to the store."""
     from ..encoders.aligned import tower_fingerprint
     from ..train.finetune_contrastive import ContrastiveConfig, check_captions, finetune_contrastive, plan_contrastive
     from .retrieval import run_retrieval
@@ -263,8 +265,10 @@ def run_finetune_contrastive(
     run_config = {"base": base_fp, "objective": "contrastive", "train": str(plan.spec), "lock": config.lock,
                   "freeze_norms": config.freeze_norms, "data": json_digest([ids["train"], ids["val"]])}
     ft = finetune_contrastive(work, dataset, config, plan=plan, progress=progress, checkpoint_dir=checkpoint_dir,
-                              resume=resume, run_config=run_config)
+                              resume=resume, run_config=run_config, store=store)
     ft.init["base_fingerprint"], ft.init["base_spec"] = base_fp, encoder.spec
+    if not distributed.is_main():  # data-parallel: every rank holds the same model; rank 0 alone tests it
+        return None, ft
     result = run_retrieval(work, dataset, store, split="test", n_boot=n_boot, seed=seed, progress=progress)
     fitted, va = ft.fitted, ft.splits["val"]
     result.costs.update(fit_seconds=round(ft.fit_seconds, 4), trainable_params=ft.trainable_params,
@@ -275,7 +279,8 @@ def run_finetune_contrastive(
         "lora_targets": len(plan.lora_targets), "loss": "sigmoid" if plan.score_kind == "sigmoid" else "infonce",
         "finetune": config.describe(), "selection": "val" if len(va) else "fixed", "val_metric_name":
         "mean of i2t_R@1 and t2i_R@1", "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
-        "val_metric": fitted.best_metric if len(va) else None, "history": fitted.history, "init": dict(ft.init)})
+        "val_metric": fitted.best_metric if len(va) else None, "history": fitted.history, "init": dict(ft.init),
+        "prefix_cache": ft.prefix_cache})
     return result, ft
 
 

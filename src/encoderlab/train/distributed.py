@@ -24,9 +24,9 @@ import contextlib
 import datetime
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,8 @@ BACKENDS: tuple[str, ...] = ("nccl", "gloo")
 #: elements per all-reduce of flattened gradients: big enough to amortize the launch, small enough that the
 #: temporary copy stays a fraction of the gradients' memory (DDP's default bucket is 25 MB)
 BUCKET_ELEMENTS = 1 << 23
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,70 @@ def launched(rank: int, world: int, port: int, *, device: str | torch.device = "
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# ---- a command under torchrun -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def joined(device: str | torch.device = "auto", *, timeout_s: float = 1800.0) -> Iterator[DistInfo]:
+    """torchrun's process group for the body (``init_from_env``), left again on the way out, also on an error.
+
+    Without torchrun (``WORLD_SIZE`` unset or 1) nothing is set up and the body gets ``DistInfo()``, whose device
+    is not resolved (the caller keeps its own). A group that was initialised before is used and left alone.
+    """
+    if _env_int("WORLD_SIZE", 1) <= 1:
+        yield DistInfo()
+        return
+    owned = not (dist.is_available() and dist.is_initialized())
+    try:
+        yield init_from_env(device, timeout_s=timeout_s)
+    finally:
+        if owned:
+            cleanup()
+
+
+def all_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (one all-reduce every rank must enter; ``ok`` itself without a group)."""
+    if not active():
+        return ok
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    failed = torch.tensor([0 if ok else 1], dtype=torch.int32, device=on)
+    dist.all_reduce(failed)
+    return int(failed.item()) == 0
+
+
+@contextlib.contextmanager
+def together(what: str) -> Iterator[None]:
+    """Run the body on every rank; when it raises on one rank, fail on all (``what`` names the step for them).
+
+    Without this a rank whose body failed leaves, and the others wait in their next collective until the group's
+    timeout. The body must enter no collective itself: every rank enters exactly one all-reduce, at its end.
+    """
+    if not active():
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        all_ok(False)  # tell the others, then fail with the real error here
+        raise
+    if not all_ok(True):
+        raise EncoderlabError(f"another process of the run failed while {what}",
+                              "its error is on stderr (torchrun's summary names its rank); fix it and run again")
+
+
+def main_first(fn: Callable[[], T], what: str) -> T:
+    """``fn()`` on rank 0, then on the other ranks: rank 0 fills a shared cache (the embedding store), the others
+    then read it instead of computing and writing the same again. A failure anywhere fails every rank.
+
+    The others wait for rank 0 in a collective, within the group's timeout (``init_from_env``'s ``timeout_s``).
+    """
+    with together(what):
+        first = fn() if is_main() else None
+    with together(what):
+        later = None if is_main() else fn()
+    return first if is_main() else later  # type: ignore[return-value]
 
 
 # ---- epoch shards ---------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ Images are decoded and transformed every epoch through the encoder's own ``image
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -37,10 +36,12 @@ import torch.nn.functional as F
 
 from ..encoders.base import Encoder
 from ..encoders.finetuned import LORA_PREFIX, ClassifierHead, merge_lora_state
+from ..encoders.trainable import trainable_module
 from ..errors import EncoderlabError
 from ..extract.labelled import LabelledEmbeddings
 from ..store import EmbeddingStore
 from .loop import FitResult, LoopSettings, decay_groups, fit
+from .prefix import prefix_activations
 
 OBJECTIVES = ("classify",)
 TRAIN_KINDS = ("heads", "last:N", "all", "lora:R")
@@ -199,16 +200,6 @@ def lora_targets(encoder: Encoder, groups: Sequence[tuple[str, list[torch.nn.Par
     return names
 
 
-def trainable_module(encoder: Encoder) -> torch.nn.Module:
-    """The module whose parameters train: the encoder's ``trainable_model`` where it keeps one apart from its
-    inference network (the packaged EfficientNet folds its batch norms for inference), else its ``model``."""
-    trainable = getattr(encoder, "trainable_model", None)
-    model = trainable if isinstance(trainable, torch.nn.Module) else getattr(encoder, "model", None)
-    if not isinstance(model, torch.nn.Module):
-        raise EncoderlabError(f"{encoder.spec!r} has no torch model to fine-tune", "use --train heads")
-    return model
-
-
 class FrozenTower(torch.nn.Module):
     """The locked image tower of ``--train heads``: the encoder's own ``encode_pixels`` (no gradients, any kind)."""
 
@@ -355,150 +346,6 @@ def predict(model: torch.nn.Module, items: ImageItems, batch_size: int) -> np.nd
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-# ---- the frozen-prefix cache ------------------------------------------------------------------------------
-
-
-@dataclass
-class PrefixSplit:
-    """The tower cut before its first trained group: ``suffix(prefix(pixels))`` is ``tower(pixels)``."""
-
-    cut: str  # the first trained group ("features" for heads: the whole tower is the prefix)
-    prefix: Callable[[torch.Tensor], torch.Tensor]  # pixels -> activations (frozen, deterministic in eval)
-    suffix: Callable[[torch.Tensor], torch.Tensor]  # activations -> tower features, with gradients
-
-
-def prefix_split(encoder: Encoder, tower: torch.nn.Module, plan: TrainPlan, augment: Augment | None
-                 ) -> tuple[PrefixSplit | None, str]:
-    """The frozen prefix to run once per image, or None, with why."""
-    if augment is not None:
-        return None, "augmentation: the prefix sees a different image every epoch"
-    if plan.spec.kind == "heads":
-        return PrefixSplit("features", tower, lambda a: a), "heads: the whole tower is frozen"
-    if plan.spec.kind != "last":
-        return None, f"--train {plan.spec}: every group of the tower trains"
-    from ..encoders.trainable import as_trainable
-
-    names = [n for n, _ in as_trainable(encoder).parameter_groups("image")]
-    first = names[len(names) - plan.spec.n]
-    if names.index(first) == 0:
-        return None, f"--train {plan.spec}: every group of the tower trains"
-    split = getattr(encoder, "image_split", None)
-    parts = split(first) if callable(split) else None
-    if parts is not None:
-        return PrefixSplit(first, parts[0], parts[1]), f"last:{plan.spec.n}: groups before {first} are frozen"
-    generic = _replay_split(encoder, tower, names, first)
-    if generic is None:
-        return None, f"{encoder.spec!r}: no way to run the tower from {first} (no image_split, no block layout)"
-    return generic, f"last:{plan.spec.n}: groups before {first} are frozen (replayed through the model's forward)"
-
-
-def _group_modules(encoder: Encoder, names: list[str]) -> list[list[str]] | None:
-    layout = getattr(encoder, "tower_layout", None)
-    if not callable(layout):
-        return None
-    lay = layout("image")
-    parts = dict((*lay.before, *lay.after))
-    out = []
-    for n in names:
-        if n.startswith("block.") and n[6:].isdigit():
-            out.append([f"{lay.blocks}.{n[6:]}"])
-        elif n in parts:
-            out.append(list(parts[n]))
-        else:
-            return None
-    return out
-
-
-def _replay_split(encoder: Encoder, tower: torch.nn.Module, names: list[str], first: str) -> PrefixSplit | None:
-    """A cut through the model's own forward: the frozen modules are swapped for stubs while the suffix runs (the
-    first returns the cached activations, the others pass their input on); the prefix is a full forward that keeps
-    the last frozen module's output. ``cached_activations`` checks the replay against the full tower."""
-    paths = _group_modules(encoder, names[: names.index(first)])
-    model = getattr(encoder, "model", None)
-    if not paths or not isinstance(model, torch.nn.Module):
-        return None
-    try:
-        frozen = [model.get_submodule(p) for ps in paths for p in ps]
-    except AttributeError:
-        return None
-    shape: list[tuple[int, ...]] = []
-
-    def prefix(pixels: torch.Tensor) -> torch.Tensor:
-        got: list[Any] = []
-        handle = frozen[-1].register_forward_hook(lambda m, a, out: got.append(out))
-        try:
-            tower(pixels)
-        finally:
-            handle.remove()
-        if not got or not isinstance(got[-1], torch.Tensor):
-            raise EncoderlabError("the last frozen module returns no tensor", "prefix caching is not possible")
-        shape[:] = [tuple(pixels.shape[1:])]
-        return got[-1]
-
-    @contextlib.contextmanager
-    def stubs(acts: torch.Tensor):
-        def entry(*a: Any, **k: Any) -> torch.Tensor:
-            return acts
-
-        def passthrough(*a: Any, **k: Any) -> Any:
-            return a[0] if a else next(iter(k.values()))
-
-        for i, m in enumerate(frozen):
-            m.forward = entry if i == 0 else passthrough  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            for m in frozen:
-                del m.forward
-
-    def suffix(acts: torch.Tensor) -> torch.Tensor:
-        dummy = torch.zeros((), device=acts.device).expand(acts.shape[0], *shape[0])
-        with stubs(acts):
-            return tower(dummy)
-
-    return PrefixSplit(first, prefix, suffix)
-
-
-class PrefixCache:
-    """Outputs of the frozen prefix per image, in memory for one fit, keyed by (encoder fingerprint before
-    training, cut, image content key) so a store can hold them later."""
-
-    def __init__(self, encoder: Encoder, split: PrefixSplit, batch_size: int) -> None:
-        self.split, self.batch_size = split, batch_size
-        self.fingerprint = encoder.fingerprint("image")
-        self.device = encoder.device
-        self.entries: dict[tuple[str, str, str], torch.Tensor] = {}
-        self.checked = False
-
-    def key(self, path: str) -> tuple[str, str, str]:
-        from ..hashing import image_key
-
-        return (self.fingerprint, self.split.cut, image_key(path))
-
-    def activations(self, model: FinetuneModel, items: ImageItems) -> torch.Tensor:
-        """[n, ...] prefix outputs of ``items`` (computed in eval mode, once per image content)."""
-        keys = [self.key(p) for p in items.paths]
-        todo = [i for i, k in enumerate(keys) if k not in self.entries]
-        model.eval()
-        with torch.no_grad():
-            for s in range(0, len(todo), self.batch_size):
-                pos = todo[s:s + self.batch_size]
-                pixels = items.pixels(pos)
-                acts = self.split.prefix(pixels).detach()
-                if not self.checked:  # the replay must be the tower: else caching would change the model
-                    full, again = model.tower(pixels).float(), self.split.suffix(acts).float()
-                    err = float((full - again).abs().max()) / (1.0 + float(full.abs().max()))
-                    if err > 1e-5:
-                        raise EncoderlabError(f"prefix replay differs from the tower by {err:.2e}",
-                                              "prefix caching is not possible for this encoder")
-                    self.checked = True
-                for i, a in zip(pos, acts):
-                    self.entries[keys[i]] = a.clone()
-        if not keys:
-            return torch.zeros(0)
-        return torch.stack([self.entries[k] for k in keys]).to(self.device)
-
-
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
@@ -570,30 +417,6 @@ def _objective(model: Any, split: Any, acts_tr: Any, acts_va: Any, train_items: 
     return step, evaluate
 
 
-def _prefix_activations(encoder: Encoder, tower: Any, plan: TrainPlan, augment: Augment | None, model: Any,
-                        train_items: Any, val_items: Any, has_val: bool, config: FinetuneConfig,
-                        prefix_cache: bool | None) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """``(split, train activations, val activations, record)`` of the frozen-prefix cache, or Nones and why not.
-
-    The cache is an optimization: when building it fails, training runs uncached and the record says why.
-    """
-    t0 = time.perf_counter()
-    split, why = prefix_split(encoder, tower, plan, augment) if prefix_cache is not False else (None, "switched off")
-    info: dict[str, Any] = {"enabled": split is not None, "reason": why}
-    if split is None:
-        return None, None, None, info
-    try:
-        cache = PrefixCache(encoder, split, config.batch_size)
-        acts_tr = cache.activations(model, train_items)
-        acts_va = cache.activations(model, val_items) if has_val else None
-    except Exception as e:  # noqa: BLE001 - the cache is an optimization: train uncached, and say why
-        why = e.message if isinstance(e, EncoderlabError) else f"{type(e).__name__}: {e}"
-        return None, None, None, {"enabled": False, "reason": f"prefix replay failed ({why})"}
-    info.update(cut=split.cut, items=len(cache.entries), seconds=round(time.perf_counter() - t0, 3),
-                bytes=int(sum(a.numel() * a.element_size() for a in cache.entries.values())))
-    return split, acts_tr, acts_va, info
-
-
 def finetune_classifier(
     encoder: Encoder,
     emb: LabelledEmbeddings,
@@ -609,6 +432,7 @@ def finetune_classifier(
     resume: bool = True,
     run_config: dict[str, Any] | None = None,
     prefix_cache: bool | None = None,
+    prefix_cache_store: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``encoder`` (changed in place) on ``emb``'s train images; early stopping on val accuracy.
 
@@ -617,6 +441,8 @@ def finetune_classifier(
 
     ``prefix_cache`` (None: whenever valid): run the frozen prefix (everything before the first trained group)
     once per image and train the rest from its cached outputs; the same losses and gradients, far fewer FLOPs.
+    ``prefix_cache_store``: keep those outputs in ``store`` (a later fine-tune at the same cut reads them) rather
+    than in memory for this fit only (``train.prefix``).
     """
     plan = plan or plan_training(encoder, config)
     if emb.modality != "image":
@@ -636,8 +462,9 @@ def finetune_classifier(
     y_tr = torch.as_tensor(emb.y[tr], dtype=torch.long, device=dev)
     y_va = emb.y[va]
     t0 = time.perf_counter()
-    split, acts_tr, acts_va, cache_info = _prefix_activations(encoder, tower, plan, augment, model, train_items,
-                                                              val_items, va.size > 0, config, prefix_cache)
+    split, acts_tr, acts_va, cache_info = prefix_activations(encoder, tower, plan, augment, model, train_items,
+                                                             val_items, va.size > 0, config.batch_size, prefix_cache,
+                                                             store=store if prefix_cache_store else None)
 
     step, evaluate = _objective(model, split, acts_tr, acts_va, train_items, val_items, y_tr, y_va, config)
 

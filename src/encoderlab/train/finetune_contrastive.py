@@ -26,6 +26,7 @@ import torch
 from ..data.manifest import Dataset
 from ..encoders.base import Encoder
 from ..errors import EncoderlabError
+from . import distributed
 from .finetune import (
     DEFAULT_LR,
     FinetuneConfig,
@@ -37,7 +38,13 @@ from .finetune import (
     unload_lora,
 )
 from .loop import FitResult, decay_groups, fit
-from .losses import contrastive_targets, sigmoid_loss, symmetric_infonce
+from .losses import (
+    contrastive_targets,
+    sigmoid_loss,
+    sigmoid_loss_global,
+    symmetric_infonce,
+    symmetric_infonce_global,
+)
 
 OBJECTIVE = "contrastive"
 LOCKS = ("text", "image", "none")
@@ -181,6 +188,8 @@ class ContrastiveModel(torch.nn.Module):
         super().__init__()
         self.encoder, self.score_kind = encoder, encoder.score_kind
         self.image, self.text = image, text
+        #: while training from the frozen-prefix cache: (suffix, val activations), so val retrieval uses them too
+        self.cached_image: tuple[Any, Any] | None = None
         model = trainable_module(encoder)
         scale, bias = getattr(model, "logit_scale", None), getattr(model, "logit_bias", None)
         # the model's own (log) temperature and bias train with the towers; a model without one keeps its scale
@@ -195,7 +204,23 @@ class ContrastiveModel(torch.nn.Module):
             return self.logit_bias.float()
         return float(self.encoder.logit_bias or 0.0)
 
-    def loss(self, zi: torch.Tensor, zt: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    def loss(self, zi: torch.Tensor, zt: torch.Tensor, positives: torch.Tensor | None = None, *,
+             img_ids: torch.Tensor | None = None, txt_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's loss; its positives from the pairs' content ids (``contrastive_targets``), or given.
+
+        Data-parallel (a process group of several processes) it is this rank's share of the global batch's loss,
+        against every rank's features gathered with their gradients (``losses.*_global``), so the ranks' mean is
+        one process's loss on the global batch; the positives then come from every rank's ids, which it needs.
+        """
+        if distributed.active():
+            if img_ids is None or txt_ids is None:
+                raise ValueError("a data-parallel contrastive loss needs img_ids and txt_ids: a local positives "
+                                 "matrix says nothing about the pairs of the other ranks")
+            if self.score_kind == "sigmoid":
+                return sigmoid_loss_global(zi, zt, self.scale(), self.bias(), img_ids, txt_ids)
+            return symmetric_infonce_global(zi, zt, self.scale(), img_ids, txt_ids)
+        if positives is None and img_ids is not None and txt_ids is not None:
+            positives = contrastive_targets(img_ids, txt_ids)
         if self.score_kind == "sigmoid":
             return sigmoid_loss(zi, zt, self.scale(), self.bias(), positives)
         return symmetric_infonce(zi, zt, self.scale(), positives)
@@ -254,7 +279,12 @@ def val_retrieval(model: ContrastiveModel, va: PairSplit, batch_size: int) -> di
 
     model.eval()
     with torch.no_grad():
-        zi = embed_images(model, va.items, range(len(va.items)), batch_size).cpu().numpy()
+        if model.cached_image is not None and model.cached_image[1] is not None:
+            suffix, acts = model.cached_image
+            zi = torch.cat([suffix(acts[s:s + batch_size]).float() for s in range(0, len(acts), batch_size)])
+            zi = zi.cpu().numpy()
+        else:
+            zi = embed_images(model, va.items, range(len(va.items)), batch_size).cpu().numpy()
         zt = embed_texts(model, va.captions, batch_size).cpu().numpy()
     return retrieval_metrics(zi, zt, va.pair_img, va.pair_txt)
 
@@ -278,6 +308,7 @@ class ContrastiveResult:
     val_metrics: dict[str, float] = field(default_factory=dict)
     lora: dict[str, Any] | None = None
     init: dict[str, Any] = field(default_factory=dict)
+    prefix_cache: dict[str, Any] = field(default_factory=dict)  # {"enabled": bool, "reason": str, "cut": ...}
 
 
 def finetune_contrastive(
@@ -290,8 +321,14 @@ def finetune_contrastive(
     checkpoint_dir: Any = None,
     resume: bool = True,
     run_config: dict[str, Any] | None = None,
+    store: Any = None,
+    prefix_cache: bool | None = None,
 ) -> ContrastiveResult:
-    """Fine-tune ``encoder`` (changed in place) on the train split's image–caption pairs; early stopping on val."""
+    """Fine-tune ``encoder`` (changed in place) on the train split's image–caption pairs; early stopping on val.
+
+    With ``--train last:N`` the image tower's frozen prefix runs once per image (``train.prefix``; its outputs kept in
+    ``store`` when given), as for the classify objective; ``prefix_cache=False`` switches that off.
+    """
     check_captions(ds)
     plan = plan or plan_contrastive(encoder, config)
     tr = pair_split(encoder, ds, "train", cache=False)
@@ -309,6 +346,14 @@ def finetune_contrastive(
     with torch.no_grad():  # a locked tower's features are the same every epoch: computed once
         img_fixed = None if open_image else embed_images(model, tr.items, range(len(tr.items)), bs).to(dev)
         txt_fixed = None if open_text else embed_texts(model, tr.captions, bs).to(dev)
+    cut, acts_tr, acts_va, cache_info = (None, None, None, {"enabled": False, "reason": "the image tower is locked"})
+    if open_image:
+        from .prefix import prefix_activations
+
+        cut, acts_tr, acts_va, cache_info = prefix_activations(encoder, model.image, plan, None, model, tr.items,
+                                                               va.items, len(va) > 0, bs, prefix_cache, store=store)
+        if cut is not None:
+            model.cached_image = (cut.suffix, acts_va)  # val retrieval embeds from the cached activations too
     from ..encoders.trainable import as_trainable
 
     tokenize = as_trainable(encoder).tokenize
@@ -317,9 +362,14 @@ def finetune_contrastive(
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         pi, pt = pi_all[idx], pt_all[idx]
-        zi = model.image(tr.items.pixels(pi.tolist())) if img_fixed is None else img_fixed[pi.to(dev)]
+        if img_fixed is not None:
+            zi = img_fixed[pi.to(dev)]
+        elif acts_tr is not None:
+            zi = cut.suffix(acts_tr[pi.to(acts_tr.device)])  # type: ignore[union-attr]
+        else:
+            zi = model.image(tr.items.pixels(pi.tolist()))
         zt = model.text(tokenize([tr.captions[int(t)] for t in pt])) if txt_fixed is None else txt_fixed[pt.to(dev)]
-        return model.loss(zi.float(), zt.float(), contrastive_targets(ids_all[pi], pt).to(dev))
+        return model.loss(zi.float(), zt.float(), img_ids=ids_all[pi].to(dev), txt_ids=pt.to(dev))
 
     epochs_seen = [0]
 
@@ -345,10 +395,11 @@ def finetune_contrastive(
     fit_seconds = time.perf_counter() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     val_metrics = val_retrieval(model, va, bs) if len(va) else {}
+    model.cached_image = None
     tower_state, lora = _finish(encoder, model, plan, config)
     model.eval()
     return ContrastiveResult(encoder, model, plan, fitted, fit_seconds, trainable, tower_state, config,
-                             {"train": tr, "val": va}, val_metrics, lora, init)
+                             {"train": tr, "val": va}, val_metrics, lora, init, prefix_cache=cache_info)
 
 
 def _finish(encoder: Encoder, cmodel: ContrastiveModel, plan: ContrastivePlan, config: ContrastiveConfig
