@@ -29,7 +29,7 @@ from encoderlab.rungs.zeroshot import zeroshot_classifier
 from encoderlab.store import EmbeddingStore
 from encoderlab.testing import ColorEncoder, color_dataset, color_spec, registered_color_encoder
 
-BUILTIN = ["zeroshot", "knn", "retrieval", "linear", "tip", "clap", "coop", "tip-f", "finetune"]
+BUILTIN = ["zeroshot", "knn", "retrieval", "linear", "tip", "clap", "coop", "tip-f", "finetune-last", "finetune"]
 #: what compare runs by default: the frozen and shallow rungs (levels 1-2)
 DEFAULT = [r for r in BUILTIN if create_rung(r).level <= 2]
 
@@ -66,7 +66,7 @@ def test_registry_lists_in_ladder_order_and_suggests_close_matches():
     assert list_rungs() == BUILTIN
     assert list_rungs(head=True) == ["knn", "linear", "tip", "clap", "tip-f"]
     assert list_rungs(task="retrieval") == ["retrieval"]
-    assert list_rungs("*e*") == ["zeroshot", "retrieval", "linear", "finetune"]
+    assert list_rungs("*e*") == ["zeroshot", "retrieval", "linear", "finetune-last", "finetune"]
     with pytest.raises(UnknownNameError, match="unknown rung 'lienar'; did you mean linear"):
         create_rung("lienar")
     for name in list_rungs():

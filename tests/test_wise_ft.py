@@ -135,6 +135,22 @@ def test_alpha_0_is_zero_shot_and_alpha_1_the_fine_tuned_model(tuned):
     assert rows[1.0]["test_top1"] == pytest.approx(tuned["result"].metrics["top1"], abs=1e-6)
 
 
+def test_curve_from_the_frozen_prefix_equals_the_full_forward(tiny_aligned_dir, tmp_path):
+    """An aligned pair's last:1 trains its projection: every α reuses the tower's outputs, with the same curve."""
+    ds, store = _toy(tmp_path / "img"), EmbeddingStore(tmp_path / "store")
+    base = create_encoder(f"local:{tiny_aligned_dir}", device="cpu")
+    emb = labelled_embeddings(base, ds, store, progress=False)
+    _, ft = run_finetune(base, emb, store, templates=TEMPLATES, n_boot=100,
+                         config=FinetuneConfig(train="last:1", epochs=2, batch_size=4, lr=5e-2))
+    assert ft.prefix_cache["enabled"] and ft.prefix_cache["cut"] == "head", ft.prefix_cache
+    grid = [0.0, 0.5, 1.0]
+    fast = wise_ft_curve(base, ft, emb, store, grid, templates=TEMPLATES)
+    slow = wise_ft_curve(base, ft, emb, store, grid, templates=TEMPLATES, prefix_cache=False)
+    assert [r["test_top1"] for r in fast["curve"]] == [r["test_top1"] for r in slow["curve"]]
+    np.testing.assert_allclose(fast["scores"], slow["scores"], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(slow["scores"], wise_ft_curve(base, ft, emb, store, [0.0], templates=TEMPLATES)["scores"])
+
+
 # ---- the curve and the choice -------------------------------------------------------------------------------
 
 

@@ -152,6 +152,8 @@ def _add_wise_ft(result: RunResult, encoder: Encoder, ft: FinetuneResult, emb: L
     curve = wft.wise_ft_curve(encoder, ft, emb, store, alphas, also_eval=also_eval, templates=template_list,
                               batch_size=config.batch_size)
     chosen = evaluate(emb.y[eval_split(emb, "test")], curve["scores"], emb.classes, n_boot, seed)
+    result.per_item["wise-ft"] = per_item_topk_correct(emb.y[eval_split(emb, "test")], curve["scores"], 1).astype(
+        float)
     result.metrics.update({"wise_ft/alpha": curve["alpha"], "wise_ft/top1": chosen["top1"],
                            "wise_ft/top1_ci_low": chosen["top1_ci_low"],
                            "wise_ft/top1_ci_high": chosen["top1_ci_high"]})
@@ -201,34 +203,58 @@ def save_finetune(out_dir: str | os.PathLike, ft: FinetuneResult, emb: LabelledE
     return save_finetuned(model_dir, config, ft.tower_state, ft.head, training_items=items)
 
 
-def _run(inputs: RungInputs, options: RungOptions) -> RunResult:
-    if not options.full:
-        raise EncoderlabError("finetune runs the full train split only (few-shot settings are not available yet)",
-                              "drop --no-full for finetune")
-    from dataclasses import replace
-
-    result, _ = run_finetune(inputs.encoder, inputs.labelled(), inputs.store,
-                             config=replace(RUNG_CONFIG, seed=options.seed), templates=options.templates,
-                             class_names=options.class_names, n_boot=options.n_boot, seed=options.seed,
-                             encoder_ms=options.encoder_ms, progress=options.progress)
-    return result
+#: the ladder's small adaptation (level 3): the last two parameter groups (for an aligned pair: the projection and
+#: the tower's last stage; for CLIP: the final norm and the projection) at a head-sized learning rate
+LAST_CONFIG = FinetuneConfig(train="last:2", lr=1e-4, epochs=10, patience=3)
+#: the WiSE-FT grid of the level-4 rung (α on val; 0 is zero-shot, 1 the fine-tuned model)
+WISE_FT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-def _supports(encoder: Encoder) -> str | None:
-    """Why the rung's fine-tuning cannot run on ``encoder`` (None when it can)."""
-    if "image" not in encoder.modalities:
-        return "needs an image tower"
-    try:
-        plan_training(encoder, RUNG_CONFIG)
-    except EncoderlabError as e:
-        return f"cannot fine-tune its image tower ({e.message})"
-    return None
+def _runner(config: FinetuneConfig, wise_ft: bool) -> Any:
+    def run(inputs: RungInputs, options: RungOptions) -> RunResult:
+        if not options.full:
+            raise EncoderlabError("finetune runs the full train split only (few-shot settings are not available "
+                                  "yet)", "drop --no-full for finetune")
+        from dataclasses import replace
+
+        dual = "image" in inputs.encoder.modalities and "text" in inputs.encoder.modalities
+        result, _ = run_finetune(inputs.encoder, inputs.labelled(), inputs.store,
+                                 config=replace(config, seed=options.seed), templates=options.templates,
+                                 class_names=options.class_names, n_boot=options.n_boot, seed=options.seed,
+                                 encoder_ms=options.encoder_ms, progress=options.progress,
+                                 wise_ft=list(WISE_FT_ALPHAS) if wise_ft and dual else None)
+        if "wise-ft" in result.per_item:  # the rung's number is the α chosen on val (α = 1 is the plain fine-tune)
+            result.per_item = {"full": result.per_item["wise-ft"], "fine-tuned": result.per_item["full"]}
+        return result
+
+    return run
 
 
+def _supports_config(config: FinetuneConfig) -> Any:
+    def supports(encoder: Encoder) -> str | None:
+        """Why the rung's fine-tuning cannot run on ``encoder`` (None when it can)."""
+        if "image" not in encoder.modalities:
+            return "needs an image tower"
+        try:
+            plan_training(encoder, config)
+        except EncoderlabError as e:
+            return f"cannot fine-tune its image tower ({e.message})"
+        return None
+
+    return supports
+
+
+_run, _supports = _runner(RUNG_CONFIG, wise_ft=True), _supports_config(RUNG_CONFIG)
 RUNG = register_rung(Rung("finetune", level=4, rank=0, task="classification", needs=("labels",), knobs=("epochs",),
                           features="joint", run=_run, supports=_supports,
-                          description="fine-tune the image tower + a zero-shot / linear-probe initialised classifier "
-                                      "(FLYP-style init, LP-FT), full train split"))
+                          description="fine-tune the whole image tower + a zero-shot / linear-probe initialised "
+                                      "classifier (FLYP-style init, LP-FT), full train split; dual encoders: WiSE-FT "
+                                      "α on val"))
+LAST_RUNG = register_rung(Rung("finetune-last", level=3, rank=2, task="classification", needs=("labels",),
+                               knobs=("epochs",), features="joint", run=_runner(LAST_CONFIG, wise_ft=False),
+                               supports=_supports_config(LAST_CONFIG),
+                               description="fine-tune the last two parameter groups of the image tower + the "
+                                           "classifier (lr 1e-4, early stopping on val), full train split"))
 
 
 # ---- --objective contrastive: FLYP-style fine-tuning on image–caption pairs, test retrieval --------------------

@@ -197,6 +197,28 @@ def _weights_changed(encoder: Encoder) -> None:
 # ---- the curve --------------------------------------------------------------------------------------------
 
 
+def _frozen_cut(trained: FinetuneResult) -> Any:
+    """The tower's cut before its first trained group (``train.prefix``), when fine-tuning used one."""
+    if trained.lora is not None or trained.plan.spec.kind != "last" or not trained.prefix_cache.get("enabled"):
+        return None
+    from .prefix import prefix_split
+
+    cut, _ = prefix_split(trained.encoder, trained.model.tower, trained.plan, None)
+    return cut
+
+
+def _batched(fn: Any, source: Any, batch_size: int, model: torch.nn.Module, pixels: bool = False) -> torch.Tensor:
+    """``fn`` over ``source`` (image items when ``pixels``, else a tensor) in batches, eval mode, no gradients."""
+    model.eval()
+    n = len(source)
+    out = []
+    with torch.no_grad():
+        for s in range(0, n, batch_size):
+            x = source.pixels(range(s, min(s + batch_size, n))) if pixels else source[s:s + batch_size]
+            out.append(fn(x).detach().float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def _top1(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == y).mean()) if len(y) else float("nan")
 
@@ -211,8 +233,12 @@ def wise_ft_curve(
     also_eval: LabelledEmbeddings | None = None,
     templates: Sequence[str] = ("a photo of a {}.",),
     batch_size: int = 64,
+    prefix_cache: bool = True,
 ) -> dict[str, Any]:
     """Val and test top-1 (and also-eval zero-shot top-1) of θ(α) for every α; α chosen on val.
+
+    ``prefix_cache``: with ``--train last:N`` the groups before the first trained one are the same at every α, so
+    their outputs are computed once per image and each α runs only the rest of the tower (``train.prefix``).
 
     ``base_encoder`` is the zero-shot encoder (not changed), ``trained`` the fine-tune of a copy of it; ``trained``
     leaves as it came. Returns a JSON-ready record (``curve``: one row per α, ``alpha``: the chosen one) plus
@@ -236,8 +262,14 @@ def wise_ft_curve(
         items["also_eval"] = split_items(enc, also_eval, also_pos)
         labels["also_eval"] = also_eval.y[also_pos]
     frozen: dict[str, np.ndarray] = {}  # tower features when only the head moves: computed once, not per α
+    cut = _frozen_cut(trained) if prefix_cache and ends.tower_keys else None
+    acts: dict[str, torch.Tensor] = {}  # with a cut: the frozen prefix's outputs, computed once per split
 
     def features(split: str) -> np.ndarray:
+        if ends.tower_keys and cut is not None:
+            if split not in acts:
+                acts[split] = _batched(cut.prefix, items[split], batch_size, model, pixels=True)
+            return _batched(cut.suffix, acts[split], batch_size, model).numpy()
         if ends.tower_keys:
             return predict(model.tower, items[split], batch_size)
         if split not in frozen:
