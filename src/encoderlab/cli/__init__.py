@@ -5,13 +5,16 @@ has ``--help`` with an example, and options must be spelled out (an abbreviation
 ``--split-ratios`` is refused, not guessed). Every subcommand has ``--json`` (one JSON object on stdout; progress and
 tables go to stderr / stdout otherwise). Errors print one line on stderr (with ``--json`` also
 ``{"error", "fix"}`` on stdout) and exit non-zero; ``--debug`` shows the traceback. SIGTERM (``timeout``, Slurm,
-``docker stop``) stops a command like Ctrl-C: finished work is kept, exit 143 (130 for Ctrl-C).
+``docker stop``) stops a command like Ctrl-C: finished work is kept, exit 143 (130 for Ctrl-C). Under torchrun only
+rank 0 writes to stdout (the other processes' output goes to stderr, their JSON nowhere).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -22,10 +25,10 @@ from typing import Any, NoReturn
 from .. import __version__
 from ..errors import EncoderlabError
 from ..results.run import json_default
-from . import align, coop, data, embed, encoders, finetune, rungs, store
+from . import align, bench_encoders, coop, data, embed, encoders, finetune, ladder, rungs, store
 from .options import FORMATTER, examples, remove_unused_run_dir
 
-COMMAND_GROUPS = (encoders, data, store, embed, rungs, align, coop, finetune)
+COMMAND_GROUPS = (encoders, data, store, embed, rungs, ladder, bench_encoders, align, coop, finetune)
 
 #: ``--help`` examples of the parsers that only group subcommands (registered in their modules without any)
 GROUP_EXAMPLES = {
@@ -107,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Known before parsing, so that even a command line argparse refuses answers in JSON.
     as_json = "--json" in argv
+    secondary = _secondary_rank()  # torchrun's other processes: rank 0 reports on stdout, theirs goes to stderr
+    if secondary:
+        as_json = False
     parser = build_parser()
     args: argparse.Namespace | None = None
     try:
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     guard = _sigterm_as_interrupt()
     try:
-        with guard:
+        with guard, contextlib.redirect_stdout(sys.stderr) if secondary else contextlib.nullcontext():
             result = func(args)
     except EncoderlabError as e:
         remove_unused_run_dir(args)
@@ -144,9 +150,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                       {"error": f"{type(e).__name__}: {e}", "internal": True,
                        "fix": "rerun with --debug for the traceback"}, as_json)
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) and not secondary:
         print(json.dumps(result, default=json_default))
     return 0 if result.get("ok", True) else 1
+
+
+def _secondary_rank() -> bool:
+    """Whether this is a process torchrun started besides rank 0 (``RANK`` > 0 of ``WORLD_SIZE`` > 1).
+
+    Such a process prints neither its result nor its error JSON, and its stdout goes to stderr: with ``--json`` the
+    run's stdout is rank 0's one object. Its one-line errors stay on stderr, where torchrun's summary shows them.
+    """
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+    except ValueError:  # torchrun sets integers; anything else is not one of its processes
+        return False
 
 
 def _error(line: str, doc: dict[str, Any], as_json: bool) -> int:

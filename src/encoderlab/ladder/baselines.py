@@ -217,6 +217,12 @@ def _fit_logreg(features: FeatureMaker, y: np.ndarray, train: np.ndarray, val: n
     Preprocessing (standardization, vocabulary) is learnt on the rows being fitted only. Returns the final model,
     the transform of its preprocessing, and the record ``{"sweep", "selection", "C", "val", "converged"}``.
     """
+    try:
+        dense = isinstance(features(train[:1])[0], np.ndarray)
+    except ValueError:  # a vocabulary learnt from one text may be empty: sparse text features
+        dense = False
+    if dense:  # dense features: the linear rung's own solver (fast L-BFGS, same protocol)
+        return _fit_dense(features, y, train, val, Cs, seed)
     lm = _sklearn()
     from sklearn.exceptions import ConvergenceWarning
 
@@ -237,6 +243,39 @@ def _fit_logreg(features: FeatureMaker, y: np.ndarray, train: np.ndarray, val: n
         model = lm.LogisticRegression(C=record["C"], max_iter=1000, random_state=seed).fit(F_fit, y[fit_rows])
     record["converged"] = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     return model, transform, record
+
+
+class _ProbeModel:
+    """A fitted ``heads.LinearProbe`` in the shape ``_logreg_baseline`` reads (``classes_``, ``predict_proba``)."""
+
+    def __init__(self, probe: Any) -> None:
+        self.probe, self.classes_ = probe, np.asarray(probe.classes_)
+
+    def predict_proba(self, F: np.ndarray) -> np.ndarray:
+        return self.probe.predict_proba(F)
+
+
+def _fit_dense(features: FeatureMaker, y: np.ndarray, train: np.ndarray, val: np.ndarray, Cs: Sequence[float],
+               seed: int) -> tuple[Any, Callable[[np.ndarray], Any], dict[str, Any]]:
+    """``_fit_logreg`` for dense features through ``heads.LinearProbe``: C swept on train / val, refit on both."""
+    from ..cpu import small_fit_threads
+    from ..heads.linear import LinearProbe
+
+    fit_rows = np.concatenate([train, val])
+    F_fit, transform = features(fit_rows)
+    n_tr = train.size
+    # standardize=True: z-scoring again with the train rows' statistics undoes the outer (train+val) affine map, so the
+    # sweep sees train-only preprocessing, as the refit sees train+val
+    probe = LinearProbe(Cs=list(Cs) if val.size else [1.0], seed=seed, refit=True, standardize=True)
+    with small_fit_threads("cpu"):
+        if val.size and len(np.unique(y[train])) > 1:
+            probe.fit(F_fit[:n_tr], y[train], F_fit[n_tr:], y[val])
+        else:
+            probe.fit(F_fit, y[fit_rows])
+    sweep = [{"C": float(r["C"]), "val_top1": float(r["val_accuracy"])} for r in probe.sweep_]
+    record = {"sweep": sweep, "selection": "val" if sweep else "fixed", "C": float(probe.best_C_),
+              "val": max((r["val_top1"] for r in sweep), default=None), "converged": True}
+    return _ProbeModel(probe), transform, record
 
 
 def _logreg_baseline(name: str, ds: Dataset, y: np.ndarray, usable: np.ndarray, rows: np.ndarray,
