@@ -133,3 +133,21 @@ def test_contrastive_from_the_prefix_cache_equals_uncached(tiny_aligned_dir, dat
     assert set(states[True]) == set(states[False]) == {"image_head.weight", "logit_scale"}
     for k in states[True]:
         torch.testing.assert_close(states[True][k], states[False][k], atol=1e-5, rtol=1e-5)
+
+
+def test_contrastive_leaves_out_undecodable_images_by_name(tiny_aligned_dir, data, tmp_path):
+    import pandas as pd
+
+    ds = data["captions"]
+    bad = tmp_path / "truncated.png"
+    good = ds.table["image"].iloc[0]
+    bad.write_bytes(open(good, "rb").read()[:40])  # a PNG cut short
+    row = ds.table.iloc[[0]].assign(id="bad", image=str(bad), split="train")
+    broken = ds.derive(pd.concat([ds.table, row]))
+    config = ContrastiveConfig(train="last:1", lock="text", epochs=1, batch_size=6, lr=1e-2, warmup_steps=0)
+    with pytest.warns(UserWarning, match="left out of the pairs"):
+        result, ft = run_finetune_contrastive(_pair(tiny_aligned_dir), broken, data["store"], config=config,
+                                              n_boot=50)
+    assert [s["path"] for s in ft.splits["train"].skipped] == [str(bad)]
+    assert any(s.get("path") == str(bad) for s in result.skipped)
+    assert str(bad) not in ft.splits["train"].items.paths

@@ -138,6 +138,9 @@ def test_ladder_writes_note_results_and_never_decides_on_test_labels(colour, tmp
     assert "one modality already solves it" in note  # colour words and mean colours both separate the classes
     assert {r["rung"] for r in doc["test"]["rows"]} == set(run.decision.scores)
     assert (tmp_path / "run" / "rungs" / "linear" / "results.json").exists()
+    html = (tmp_path / "run" / "report.html").read_text()
+    for section in ("Rungs", "Accuracy vs labels per class", "Confusion matrix", "Retrieval"):
+        assert section in html, section
     # scramble the test labels: the decision phase never sees them, so nothing it decided may change
     t = ds.table.copy()
     test = t["split"] == "test"
@@ -160,7 +163,14 @@ def test_cli_ladder_runs_and_fails_fast_on_bad_values(colour, tmp_path, capsys):
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["note"].endswith("note.md") and (out / "note.md").exists()
-    assert all(r["level"] == 1 for r in doc["decision"]["rows"])
+    assert all(r["level"] == 1 for r in doc["decision"]["rows"]) and not doc.get("reused")
+    argv = ["ladder", "--encoder", colour["encoder"], "--data", colour["spec"], "--max-rung", "1", "--shots", "1",
+            "--seeds", "1", "--n-boot", "100", "--out", str(out), "--json", "--no-progress"]
+    assert main(argv) == 0  # the same request again: the finished run is reused, not recomputed
+    again = json.loads(capsys.readouterr().out)
+    assert again["reused"] and again["decision"] == doc["decision"]
+    assert main([*argv[:-2], "--min-gain", "0.05", "--json", "--no-progress"]) == 0  # another setting: a new run
+    assert not json.loads(capsys.readouterr().out).get("reused")
     assert main(["ladder", "--encoder", colour["encoder"], "--data", colour["spec"], "--max-rung", "5"]) == 2
     assert "--max-rung must be 1, 2, 3 or 4" in capsys.readouterr().err
     code = main(["ladder", "--encoder", colour["encoder"], "--data", colour["spec"], "--rungs", "linaer", "--json"])

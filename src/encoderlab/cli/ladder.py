@@ -65,6 +65,8 @@ def register(sub: Any) -> None:
     p.add_argument("--rungs", default=None, help="only these rungs (comma-separated; default: every registered one)")
     p.add_argument("--shots", default="1,2,4,8,16", help="few-shot settings for the curve (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, default=3, help="k-shot samples per setting (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="run again even when --out holds a finished ladder of the same encoder, data and settings")
     add_prompt_options(p)
     add_run_options(p)
     p.set_defaults(func=cmd_ladder)
@@ -85,9 +87,17 @@ def cmd_ladder(args: argparse.Namespace) -> dict[str, Any]:
     store = open_store(args)
     ds = load_data(args, whole=True)
     encoder = make_encoder(args)
+    request = request_digest(encoder, ds, config)
+    done = None if args.force else finished_run(out_dir, request)
+    if done is not None:
+        if not args.json:
+            say(done["note_md"])
+            say(f"up to date: {out_dir} holds this ladder already (same encoder, data and settings; --force reruns)")
+        return {**done, "run_dir": str(out_dir), "note": str(out_dir / "note.md"), "reused": True,
+                "report": str(out_dir / "report.html") if (out_dir / "report.html").exists() else None}
     quiet = args.json or args.no_progress
     run = run_ladder(encoder, ds, store, config, out_dir=out_dir, progress=progress(args),
-                     say=None if quiet else say)
+                     say=None if quiet else say, request=request)
     out = run.result.to_json()
     out.update(run_dir=str(run.run_dir), note=str(run.run_dir / "note.md"),
                report=str(run.report) if run.report else None)
@@ -96,3 +106,29 @@ def cmd_ladder(args: argparse.Namespace) -> dict[str, Any]:
         say(f"note: {run.run_dir / 'note.md'}")
         say(f"report: {run.report}" if run.report else "report: not written (see results.json warnings)")
     return out
+
+
+def request_digest(encoder: Any, ds: Any, config: Any) -> str:
+    """What a ladder's answer depends on: the encoder's weights and preprocessing, the data's items and splits, the
+    settings, and this encoderlab's version."""
+    from .. import __version__
+    from ..hashing import json_digest
+    from ..results import data_provenance
+
+    fingerprints = {m: encoder.fingerprint(m) for m in encoder.modalities}
+    return json_digest({"encoder": fingerprints, "data": data_provenance(ds), "config": config.describe(),
+                        "version": __version__})
+
+
+def finished_run(out_dir: Any, request: str) -> dict[str, Any] | None:
+    """The results.json of a complete ladder in ``out_dir`` made from ``request``, else None."""
+    import json
+
+    path = out_dir / "results.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("task") != "ladder" or doc.get("config", {}).get("request") != request:
+        return None
+    return doc if (out_dir / "note.md").exists() else None

@@ -83,6 +83,9 @@ def report_document(facts: dict[str, Any], note: str) -> dict[str, Any]:
                            "dataset": facts.get("dataset", ""), "note_md": note,
                            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     decided, reported = facts["decided"], facts["reported"]
+    retrieval = facts.get("retrieval") or {}
+    if "result" in retrieval:
+        doc["retrieval"] = retrieval_examples(retrieval["result"], retrieval.get("root"))
     if decided and reported:
         doc["rungs"] = _rung_rows(facts)
         doc["curve"] = decided["curve"]
@@ -118,3 +121,30 @@ def _confusion(facts: dict[str, Any], le: Any) -> dict[str, Any] | None:
     y = np.asarray([idx[c] for c in p["label"].astype(str)])
     yhat = np.asarray([idx[c] for c in p["prediction"].astype(str)])
     return {"classes": list(le.classes), "matrix": np.asarray(confusion_matrix(y, yhat, len(le.classes))).tolist()}
+
+
+def retrieval_examples(result: Any, root: Any, n: int = 3) -> list[dict[str, Any]]:
+    """A few image->text and text->image queries with their top results; the true match's rank marks "correct"."""
+    from pathlib import Path
+
+    p = result.predictions
+    if p is None or not len(p):
+        return []
+
+    def image(path: Any) -> str | None:
+        if not isinstance(path, str):
+            return None
+        q = Path(path)
+        return str(q if q.is_absolute() or root is None else Path(root) / q)
+
+    out = []
+    for direction in ("i2t", "t2i"):
+        rows = p[p["direction"] == direction]
+        picked = [*rows[rows["rank"] == 1].head(1).itertuples(), *rows[rows["rank"] > 1].head(n - 1).itertuples()]
+        for r in picked:
+            results = [{"image": image(t) if direction == "t2i" else None, "text": t if direction == "i2t" else None,
+                        "rank": i + 1, "score": float(sc), "correct": i + 1 == int(r.rank)}
+                       for i, (t, sc) in enumerate(zip(list(r.top), list(r.top_scores)))]
+            query = {"image": image(r.query), "text": None} if direction == "i2t" else {"text": r.query, "image": None}
+            out.append({"query": query, "results": results, "rank": int(r.rank)})
+    return out

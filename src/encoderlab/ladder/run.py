@@ -221,8 +221,11 @@ def heldout_predictions(le: Any, seed: int = 0, folds: int = 3) -> np.ndarray:
 
 
 def run_ladder(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: LadderConfig | None = None, *,
-               out_dir: str | Path | None = None, progress: bool = True, say: Any = None) -> LadderRun:
-    """The whole ladder (see the module docstring); writes the run directory when ``out_dir`` is given."""
+               out_dir: str | Path | None = None, progress: bool = True, say: Any = None,
+               request: str | None = None) -> LadderRun:
+    """The whole ladder (see the module docstring); writes the run directory when ``out_dir`` is given.
+
+    ``request``: a digest of what the run depends on, recorded so that a later call can reuse a finished run."""
     from .note import encoder_note
     from .shape import task_shape
 
@@ -242,6 +245,7 @@ def run_ladder(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: Lad
              "seconds": time.perf_counter() - t0}
     note = encoder_note(facts)
     result = _result(encoder, ds, facts, note)
+    result.config["request"] = request
     run = LadderRun(result, note, decided["climb"] if decided else Climb(),
                     reported["results"] if reported else {})
     if out_dir is not None:
@@ -260,7 +264,7 @@ def _retrieval(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: Lad
         return {"skipped": why}
     result = rung.run(RungInputs(encoder, ds, store, progress=progress), _options(config, progress))
     prior = caption_prior_baseline(ds, seed=config.seed, n_boot=config.n_boot)
-    return {"result": result, "prior": prior}
+    return {"result": result, "prior": prior, "root": getattr(ds, "root", None)}
 
 
 def _result(encoder: Encoder, ds: Dataset, facts: dict[str, Any], note: str) -> RunResult:

@@ -297,6 +297,9 @@ def run_finetune_contrastive(
         return None, ft
     result = run_retrieval(work, dataset, store, split="test", n_boot=n_boot, seed=seed, progress=progress)
     fitted, va = ft.fitted, ft.splits["val"]
+    left_out = ft.splits["train"].skipped + va.skipped  # undecodable images left out of training, by name
+    if left_out:
+        result.skipped = (result.skipped or []) + left_out
     result.costs.update(fit_seconds=round(ft.fit_seconds, 4), trainable_params=ft.trainable_params,
                         peak_rss_mb=peak_rss_mb())
     result.config.update({

@@ -153,6 +153,7 @@ class PairSplit:
     img_ids: np.ndarray  # content id of each image position (equal for identical files)
     ids: list[str]  # dataset item ids of the images
     image_keys: list[str]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # images left out: {split, path, reason}
 
     def __len__(self) -> int:
         return len(self.pair_img)
@@ -168,6 +169,10 @@ def pair_split(encoder: Encoder, ds: Dataset, split: str, *, cache: bool = True)
         part = Dataset(ds.table.iloc[0:0], source=ds.source)
     t = part.table
     rows = [i for i in range(len(t)) if isinstance(t["image"].iloc[i], str) and len(t["texts"].iloc[i] or []) > 0]
+    skipped = _unusable_images(t, rows, split)
+    if skipped:
+        bad = {s["path"] for s in skipped}
+        rows = [i for i in rows if str(t["image"].iloc[i]) not in bad]
     captions, pair_img, pair_txt = caption_pairs(part, rows)
     paths = [str(t["image"].iloc[r]) for r in rows]
     keys = [image_key(p) for p in paths]
@@ -175,7 +180,22 @@ def pair_split(encoder: Encoder, ds: Dataset, split: str, *, cache: bool = True)
     img_ids = np.asarray([seen.setdefault(k, len(seen)) for k in keys], dtype=np.int64)
     return PairSplit(ImageItems(paths, encoder.image_transform(), cache=cache), list(captions),
                      np.asarray(pair_img, np.int64), np.asarray(pair_txt, np.int64), img_ids,
-                     [str(t["id"].iloc[r]) for r in rows], keys)
+                     [str(t["id"].iloc[r]) for r in rows], keys, skipped)
+
+
+def _unusable_images(t: Any, rows: list[int], split: str) -> list[dict[str, str]]:
+    """Images that cannot be decoded (missing, truncated, too large, not an image), by path and reason, with a
+    warning: they are left out of the pairs instead of stopping training mid-epoch."""
+    import warnings
+
+    from ..data.audit import check_images
+
+    bad = check_images([str(t["image"].iloc[i]) for i in rows], progress=False)
+    if bad:
+        shown = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:3])
+        warnings.warn(f"{len(bad)} {split} image(s) cannot be used and are left out of the pairs: {shown}"
+                      + (" ..." if len(bad) > 3 else ""), UserWarning, stacklevel=3)
+    return [{"split": split, "path": b["path"], "reason": b["reason"]} for b in bad]
 
 
 # ---- the model --------------------------------------------------------------------------------------------
