@@ -331,6 +331,26 @@ class ContrastiveResult:
     prefix_cache: dict[str, Any] = field(default_factory=dict)  # {"enabled": bool, "reason": str, "cut": ...}
 
 
+def _fixed_parts(encoder: Encoder, model: ContrastiveModel, plan: ContrastivePlan, tr: PairSplit, va: PairSplit,
+                 bs: int, prefix_cache: bool | None, store: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """What is the same every epoch, computed once: a locked tower's features, or the open image tower's frozen
+    prefix outputs (``train.prefix``). Returns (image features, text features, cut, train activations, record)."""
+    dev = encoder.device
+    model.eval()
+    with torch.no_grad():
+        img_fixed = None if "image" in plan.towers else embed_images(model, tr.items, range(len(tr.items)), bs).to(dev)
+        txt_fixed = None if "text" in plan.towers else embed_texts(model, tr.captions, bs).to(dev)
+    if "image" not in plan.towers:
+        return img_fixed, txt_fixed, None, None, {"enabled": False, "reason": "the image tower is locked"}
+    from .prefix import prefix_activations
+
+    cut, acts_tr, acts_va, info = prefix_activations(encoder, model.image, plan, None, model, tr.items, va.items,
+                                                     len(va) > 0, bs, prefix_cache, store=store)
+    if cut is not None:
+        model.cached_image = (cut.suffix, acts_va)  # val retrieval embeds from the cached activations too
+    return img_fixed, txt_fixed, cut, acts_tr, info
+
+
 def finetune_contrastive(
     encoder: Encoder,
     ds: Dataset,
@@ -361,19 +381,8 @@ def finetune_contrastive(
         init = {"logit_scale": float(model.scale()),
                 "logit_bias": float(model.bias()) if plan.score_kind == "sigmoid" else None}
     bs = config.batch_size
-    open_image, open_text = "image" in plan.towers, "text" in plan.towers
-    model.eval()
-    with torch.no_grad():  # a locked tower's features are the same every epoch: computed once
-        img_fixed = None if open_image else embed_images(model, tr.items, range(len(tr.items)), bs).to(dev)
-        txt_fixed = None if open_text else embed_texts(model, tr.captions, bs).to(dev)
-    cut, acts_tr, acts_va, cache_info = (None, None, None, {"enabled": False, "reason": "the image tower is locked"})
-    if open_image:
-        from .prefix import prefix_activations
-
-        cut, acts_tr, acts_va, cache_info = prefix_activations(encoder, model.image, plan, None, model, tr.items,
-                                                               va.items, len(va) > 0, bs, prefix_cache, store=store)
-        if cut is not None:
-            model.cached_image = (cut.suffix, acts_va)  # val retrieval embeds from the cached activations too
+    img_fixed, txt_fixed, cut, acts_tr, cache_info = _fixed_parts(encoder, model, plan, tr, va, bs, prefix_cache,
+                                                                   store)
     from ..encoders.trainable import as_trainable
 
     tokenize = as_trainable(encoder).tokenize

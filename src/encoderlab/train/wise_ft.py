@@ -197,6 +197,30 @@ def _weights_changed(encoder: Encoder) -> None:
 # ---- the curve --------------------------------------------------------------------------------------------
 
 
+class _Features:
+    """Tower features of a split at the current α, each frozen part computed once: all of the tower when only the
+    head moves, the prefix before the first trained group with ``last:N`` (``train.prefix``)."""
+
+    def __init__(self, trained: FinetuneResult, items: Mapping[str, Any], batch_size: int, tower_moves: bool,
+                 prefix_cache: bool) -> None:
+        self.model, self.items, self.batch_size, self.tower_moves = trained.model, items, batch_size, tower_moves
+        self.cut = _frozen_cut(trained) if prefix_cache and tower_moves else None
+        self.frozen: dict[str, np.ndarray] = {}
+        self.acts: dict[str, torch.Tensor] = {}
+
+    def __call__(self, split: str) -> np.ndarray:
+        model, items, bs = self.model, self.items[split], self.batch_size
+        if self.tower_moves and self.cut is not None:
+            if split not in self.acts:
+                self.acts[split] = _batched(self.cut.prefix, items, bs, model, pixels=True)
+            return _batched(self.cut.suffix, self.acts[split], bs, model).numpy()
+        if self.tower_moves:
+            return predict(model.tower, items, bs)
+        if split not in self.frozen:
+            self.frozen[split] = predict(model.tower, items, bs)
+        return self.frozen[split]
+
+
 def _frozen_cut(trained: FinetuneResult) -> Any:
     """The tower's cut before its first trained group (``train.prefix``), when fine-tuning used one."""
     if trained.lora is not None or trained.plan.spec.kind != "last" or not trained.prefix_cache.get("enabled"):
@@ -261,20 +285,7 @@ def wise_ft_curve(
         also_pos = np.flatnonzero(also_eval.y >= 0)
         items["also_eval"] = split_items(enc, also_eval, also_pos)
         labels["also_eval"] = also_eval.y[also_pos]
-    frozen: dict[str, np.ndarray] = {}  # tower features when only the head moves: computed once, not per α
-    cut = _frozen_cut(trained) if prefix_cache and ends.tower_keys else None
-    acts: dict[str, torch.Tensor] = {}  # with a cut: the frozen prefix's outputs, computed once per split
-
-    def features(split: str) -> np.ndarray:
-        if ends.tower_keys and cut is not None:
-            if split not in acts:
-                acts[split] = _batched(cut.prefix, items[split], batch_size, model, pixels=True)
-            return _batched(cut.suffix, acts[split], batch_size, model).numpy()
-        if ends.tower_keys:
-            return predict(model.tower, items[split], batch_size)
-        if split not in frozen:
-            frozen[split] = predict(model.tower, items[split], batch_size)
-        return frozen[split]
+    features = _Features(trained, items, batch_size, bool(ends.tower_keys), prefix_cache)
 
     rows: list[dict[str, Any]] = []
     test_scores: dict[float, np.ndarray] = {}
