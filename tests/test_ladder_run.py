@@ -185,3 +185,35 @@ def test_ladder_refuses_data_without_labels_or_pairs(colour, tmp_path):
 
     with pytest.raises(EncoderlabError, match="neither labels nor image-caption pairs"):
         run_ladder(create_encoder(colour["encoder"]), ds, colour["store"], FAST, progress=False)
+
+
+def test_finished_rungs_are_kept_so_an_interrupted_ladder_resumes(colour, tmp_path):
+    """A rung's result is saved as it finishes; the rerun of the same request reads it instead of refitting."""
+    from encoderlab.ladder.climb import run_saved
+
+    calls = []
+    rung = _mock_rung("mock-resume", 1, 0.5)
+    try:
+        original = rung.run
+
+        def counted(inputs, options):
+            calls.append(1)
+            return original(inputs, options)
+
+        object.__setattr__(rung, "run", counted)
+        ds, _ = decision_dataset(load_dataset(colour["spec"]))
+        inputs = RungInputs(create_encoder(colour["encoder"]), ds, colour["store"], progress=False)
+        first = run_saved(rung, inputs, RungOptions(progress=False), tmp_path / "w" / "mock-resume")
+        again = run_saved(rung, inputs, RungOptions(progress=False), tmp_path / "w" / "mock-resume")
+    finally:
+        RUNGS.unregister("mock-resume")
+    assert len(calls) == 1 and np.array_equal(first.per_item["full"], again.per_item["full"])
+    (tmp_path / "w" / "mock-resume").write_bytes(b"damaged")  # a damaged file is only a lost shortcut
+    assert run_saved(rung, inputs, RungOptions(progress=False), tmp_path / "w" / "mock-resume").per_item
+
+
+def test_a_complete_ladder_leaves_no_work_files(colour, tmp_path):
+    ds = load_dataset(colour["spec"])
+    run_ladder(create_encoder(colour["encoder"]), ds, colour["store"], LadderConfig(max_rung=1, shots=(1,), seeds=1,
+               n_boot=100), out_dir=tmp_path / "run", progress=False, request="r1")
+    assert not (tmp_path / "run" / ".ladder-work").exists() and (tmp_path / "run" / "results.json").exists()

@@ -95,9 +95,8 @@ def cmd_ladder(args: argparse.Namespace) -> dict[str, Any]:
             say(f"up to date: {out_dir} holds this ladder already (same encoder, data and settings; --force reruns)")
         return {**done, "run_dir": str(out_dir), "note": str(out_dir / "note.md"), "reused": True,
                 "report": str(out_dir / "report.html") if (out_dir / "report.html").exists() else None}
-    quiet = args.json or args.no_progress
     run = run_ladder(encoder, ds, store, config, out_dir=out_dir, progress=progress(args),
-                     say=None if quiet else say, request=request)
+                     say=None if args.json else say, request=request)
     out = run.result.to_json()
     out.update(run_dir=str(run.run_dir), note=str(run.run_dir / "note.md"),
                report=str(run.report) if run.report else None)

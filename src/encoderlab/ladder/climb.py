@@ -15,9 +15,11 @@ The rung chosen at the end is the best of all levels up to the last step that wa
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -134,8 +136,10 @@ def ladder_rungs(max_level: int, names: Sequence[str] | None = None) -> dict[int
 
 def climb(inputs: RungInputs, options: RungOptions, *, max_level: int = 4, run_all: bool = False,
           min_gain: float = 0.01, budget_seconds: float | None = None, rungs: Sequence[str] | None = None,
-          say: Any = None) -> Climb:
-    """Run the levels in order on ``inputs`` (the decision dataset) and stop by the rule of the module docstring."""
+          say: Any = None, work_dir: Path | None = None) -> Climb:
+    """Run the levels in order on ``inputs`` (the decision dataset) and stop by the rule of the module docstring.
+
+    ``work_dir``: where each finished rung's result is kept until the ladder completes (``run_saved``)."""
     out, t0 = Climb(), time.perf_counter()
     levels = ladder_rungs(max_level, rungs)
     justified_up_to = 0
@@ -143,7 +147,7 @@ def climb(inputs: RungInputs, options: RungOptions, *, max_level: int = 4, run_a
         if out.stopped and not run_all:
             out.skipped.update({n: f"not run: the climb stopped at {out.stopped.split(':')[0]}" for n in levels[level]})
             continue
-        ran = _run_level(inputs, options, levels[level], out, t0, budget_seconds, say)
+        ran = _run_level(inputs, options, levels[level], out, t0, budget_seconds, say, work_dir)
         here = best_of(ran)
         below = best_of([s for s in out.scores.values() if s.level < level])
         if here is None:  # nothing at this level could run here: the next level is compared with what did
@@ -168,8 +172,32 @@ def climb(inputs: RungInputs, options: RungOptions, *, max_level: int = 4, run_a
     return out
 
 
+def failure(e: Exception) -> str:
+    from ..errors import EncoderlabError
+
+    return e.message if isinstance(e, EncoderlabError) else f"{type(e).__name__}: {e}"
+
+
+def run_saved(rung: Any, inputs: RungInputs, options: RungOptions, path: Path | None) -> RunResult:
+    """``rung.run``, kept in ``path`` (a pickle of the whole result, per-item values included, written atomically)
+    so that an interrupted ladder rerun with the same request reads finished rungs instead of refitting them."""
+    if path is not None and path.exists():
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        except Exception:  # noqa: BLE001 - a damaged file is only a lost shortcut: run the rung again
+            pass
+    result = rung.run(inputs, options)
+    if path is not None:
+        from ..atomic import atomic_write_bytes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, pickle.dumps(result))
+    return result
+
+
 def _run_level(inputs: RungInputs, options: RungOptions, names: list[str], out: Climb, t0: float,
-               budget_seconds: float | None, say: Any) -> list[RungScore]:
+               budget_seconds: float | None, say: Any, work_dir: Path | None = None) -> list[RungScore]:
     ran = []
     for name in names:
         rung = create_rung(name)
@@ -182,11 +210,9 @@ def _run_level(inputs: RungInputs, options: RungOptions, names: list[str], out: 
         if say is not None:
             say(f"ladder: level {rung.level} {name} ...")
         try:
-            s = score(name, rung.run(inputs, options))
+            s = score(name, run_saved(rung, inputs, options, work_dir / name if work_dir else None))
         except Exception as e:  # noqa: BLE001 - one rung failing must not lose the others; the note says why
-            from ..errors import EncoderlabError
-
-            out.skipped[name] = f"failed: {e.message if isinstance(e, EncoderlabError) else f'{type(e).__name__}: {e}'}"
+            out.skipped[name] = f"failed: {failure(e)}"
             continue
         if s is None:
             out.skipped[name] = "produced no classification setting"

@@ -110,6 +110,8 @@ def _frozen_section(facts: dict[str, Any]) -> list[str]:
                      f"{_delta(step)} on {step['n_items']} decision items → {verdict} (rule: {step['rule']}).")
     if climb.stopped:
         lines.append(f"- The climb stopped at {climb.stopped}.")
+    for name, why in (reported.get("failed") or {}).items():
+        lines.append(f"- No test number for {name}: its refit on the original splits failed ({why}).")
     vb = reported.get("vs_baselines") or {}
     if vb.get("frozen"):
         lines.append(f"- Against the best simple baseline ({vb['best_baseline']}, {vb['best_baseline_top1']:.3f}): "

@@ -34,6 +34,9 @@ from ..rungs.common import encoder_cost
 from ..store import EmbeddingStore
 from .climb import Climb, RungScore, best_of, climb, score
 
+#: finished rungs of an unfinished ladder (per request digest), so a rerun after an interruption resumes
+WORK_NAME = ".ladder-work"
+
 
 @dataclass(frozen=True)
 class LadderConfig:
@@ -126,7 +129,7 @@ def _vs_baselines(scores: Mapping[str, RungScore], baselines: list[Any], inputs:
 
 
 def _decide(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: LadderConfig, progress: bool,
-            say: Any) -> dict[str, Any]:
+            say: Any, work_dir: Path | None = None) -> dict[str, Any]:
     """Phase 1 on the decision dataset: baselines, the climb, the curve, the modality check."""
     from .curve import few_shot_curve
     from .modality import modality_check
@@ -140,7 +143,8 @@ def _decide(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: Ladder
     baselines = _baselines(dds, le.modality, inputs, config)
     budget = config.budget_minutes * 60 if config.budget_minutes else None
     decision = climb(inputs, options, max_level=config.max_rung, run_all=config.run_all, min_gain=config.min_gain,
-                     budget_seconds=budget, rungs=config.rungs, say=say)
+                     budget_seconds=budget, rungs=config.rungs, say=say,
+                     work_dir=work_dir / "decision" if work_dir else None)
     counts = le.dataset.table.loc[le.dataset.table["split"] == "train", "label"].value_counts()
     curve = few_shot_curve({n: s.result for n, s in decision.scores.items()}, float(counts.median()))
     return {"climb": decision, "split": record, "baselines": baselines,
@@ -150,18 +154,29 @@ def _decide(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: Ladder
 
 
 def _report_phase(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: LadderConfig, decided: dict,
-                  progress: bool, say: Any) -> dict[str, Any]:
-    """Phase 2 on the original dataset: the rungs that ran, again, scored on test once; baselines; diagnosis."""
+                  progress: bool, say: Any, work_dir: Path | None = None) -> dict[str, Any]:
+    """Phase 2 on the original dataset: the rungs that ran, again, scored on test once; baselines; diagnosis.
+
+    Each rung runs its phase-1 main setting only (all labels, or its largest few-shot setting for few-shot-only
+    rungs such as CoOp): the few-shot curve is a decision (more labels?), made on the decision split."""
+    from .climb import failure, run_saved
+
     decision: Climb = decided["climb"]
     inputs = RungInputs(encoder, ds, store, progress=progress)
-    options = _options(config, progress)
-    options.shots = ()  # the few-shot curve is a decision (more labels?): made on the decision split, not here
-    options.encoder_ms = encoder_cost(encoder, inputs.labelled(), "test", None)
-    results, scores = {}, {}
-    for name in decision.scores:
+    base = _options(config, progress)
+    base.encoder_ms = encoder_cost(encoder, inputs.labelled(), "test", None)
+    results, scores, failed = {}, {}, {}
+    for name, picked in decision.scores.items():
         if say is not None:
             say(f"ladder: test numbers of {name} ...")
-        results[name] = create_rung(name).run(inputs, options)
+        shots = () if picked.setting in ("full", "zeroshot") else (int(picked.setting.split("-")[0]),)
+        options = dataclasses.replace(base, shots=shots, full=picked.setting in ("full", "zeroshot"))
+        try:
+            results[name] = run_saved(create_rung(name), inputs, options, work_dir / "test" / name if work_dir
+                                      else None)
+        except Exception as e:  # noqa: BLE001 - the decision stands; the note says which test number is missing
+            failed[name] = failure(e)
+            continue
         if (s := score(name, results[name])) is not None:
             scores[name] = s
     baselines = _baselines(ds, inputs.labelled().modality, inputs, config)
@@ -172,7 +187,7 @@ def _report_phase(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: 
         t = paired_bootstrap(chosen.items, frozen.items, n_boot=config.n_boot, seed=0)
         chosen_vs_frozen = {"from": frozen.name, "to": chosen.name, **t}
     diagnosis = _diagnosis(inputs, results.get(decision.chosen or ""), chosen, config, progress)
-    return {"results": results, "scores": scores, "baselines": baselines, "inputs": inputs,
+    return {"results": results, "scores": scores, "baselines": baselines, "inputs": inputs, "failed": failed,
             "vs_baselines": _vs_baselines(scores, baselines, inputs, config.n_boot),
             "chosen_vs_frozen": chosen_vs_frozen, "diagnosis": diagnosis}
 
@@ -237,9 +252,10 @@ def run_ladder(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: Lad
         raise EncoderlabError(f"dataset {ds.source!r} has neither labels nor image-caption pairs",
                               "give a labelled dataset (classification) or images with captions (retrieval)")
     decided = reported = None
+    work = Path(out_dir) / WORK_NAME / (request or "no-request") if out_dir is not None and request else None
     if shape["kind"] in ("classification", "both"):
-        decided = _decide(encoder, ds, store, config, progress, say)
-        reported = _report_phase(encoder, ds, store, config, decided, progress, say)
+        decided = _decide(encoder, ds, store, config, progress, say, work)
+        reported = _report_phase(encoder, ds, store, config, decided, progress, say, work)
     retrieval = _retrieval(encoder, ds, store, config, progress) if shape["kind"] in ("retrieval", "both") else None
     facts = {"shape": shape, "decided": decided, "reported": reported, "retrieval": retrieval, "config": config,
              "seconds": time.perf_counter() - t0}
@@ -250,6 +266,9 @@ def run_ladder(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: Lad
                     reported["results"] if reported else {})
     if out_dir is not None:
         run.run_dir, run.report = _write(run, facts, Path(out_dir))
+        import shutil
+
+        shutil.rmtree(Path(out_dir) / WORK_NAME, ignore_errors=True)  # complete: the finished rungs are in rungs/
     return run
 
 
