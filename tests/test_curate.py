@@ -198,6 +198,17 @@ def test_keep_one_keeps_the_best_of_each_group_and_no_two_kept_duplicates():
     assert (k.group[~adj.any(axis=1)] == -1).all()
 
 
+@pytest.mark.parametrize("rank, kept, dup_of", [([0, 1, 2], [True, False, True], [-1, 0, -1]),
+                                                 ([1, 0, 2], [False, True, False], [1, -1, 1])])
+def test_keep_one_on_a_chain_drops_only_duplicates_of_kept_images(rank, kept, dup_of):
+    # A ~ B and B ~ C (cosine 0.955) but A !~ C (0.825): with A best, B goes and C stays, since B is not kept
+    X = np.array([[np.cos(a), np.sin(a)] for a in (0.0, 0.3, 0.6)], np.float32)
+    near = near_duplicates(lambda a, b: X[a:b], 3, 2, 0.95, kind="flat")
+    assert set(zip(near.pair_i.tolist(), near.pair_j.tolist())) == {(0, 1), (1, 2)}
+    k = keep_one(3, near.pair_i, near.pair_j, near.pair_sim, np.asarray(rank))
+    assert k.kept.tolist() == kept and k.duplicate_of.tolist() == dup_of and k.group.tolist() == [0, 0, 0]
+
+
 # ---------------------------------------------------------------------------------------------- other rules
 
 
@@ -369,3 +380,16 @@ def test_score_rules_alone_need_no_embeddings():
     v = Verdict(len(pairs))
     cuts = score_rules(pairs, v, FilterConfig.merged(keep_top=0.5, **PLAIN), priority(pairs))
     assert cuts["keep_top_n"] == 2 and list(v.open) == [True, True, False]
+
+
+def test_a_class_quota_without_labels_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import encoderlab.cli.curate as cli_curate
+
+    d = tmp_path / "nolabel"
+    d.mkdir()
+    spec = _jsonl(d / "d.jsonl", [{"image": _solid(d / "a.png", (1, 2, 3)), "text": "a red square"}])
+    monkeypatch.setattr(cli_curate, "make_encoder", lambda args: pytest.fail("the model was loaded"))
+    with registered_color_encoder() as name:
+        assert main(["filter", "--encoder", name, "--data", spec, "--per-class-quota", "5", "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert "--per-class-quota needs labels" in doc["error"] and "?label=" in doc["fix"]

@@ -102,8 +102,8 @@ def add_filter_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-score", type=cosine_value, metavar="S", help="drop pairs scoring below S, in [-1, 1]")
     g.add_argument("--per-class-quota", type=positive_int, metavar="N",
                    help="keep at most the N best-scored pairs of each class (needs labels)")
-    b = p.add_argument_group("basic filters (DataComp's basic filter: --min-words 3 --min-chars 6 --min-size 200 "
-                             "--max-aspect 3)")
+    b = p.add_argument_group("basic filters (DataComp's basic filter, less its English check: --min-words 3 "
+                             "--min-chars 6 --min-size 200 --max-aspect 3)")
     b.add_argument("--min-words", type=non_negative_int, metavar="N", help="drop captions of fewer words")
     b.add_argument("--max-words", type=non_negative_int, metavar="N", help="drop captions of more words")
     b.add_argument("--min-chars", type=non_negative_int, metavar="N", help="drop captions of fewer characters")
@@ -115,12 +115,12 @@ def add_filter_options(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s; 0 switches it off)")
     d = p.add_argument_group("duplicates (each keeps the best-scored one)")
     d.add_argument("--near-dup", type=near_dup_threshold, default=0.95, metavar="COS|none",
-                   help="drop images whose embedding is within this cosine of a better-scored kept image "
-                        "(default: %(default)s; 'none': off)")
+                   help="drop images whose embedding has at least this cosine to a better-scored kept image "
+                        "(default: %(default)s; 'none': off); see near_duplicates.png for where the data lies")
     d.add_argument("--near-dup-index", choices=["auto", "flat", "ivf"], default="auto",
                    help="FAISS index of the near-duplicate search: exact flat, or IVF for large sets (default: auto, "
                         "flat up to ~20k images)")
-    d.add_argument("--nprobe", type=positive_int, help="IVF lists probed per query (default: 8)")
+    d.add_argument("--nprobe", type=positive_int, help="IVF lists probed per query (default: 4)")
     d.add_argument("--no-exact-dedup", action="store_true", help="keep identical image files (content hash)")
     d.add_argument("--no-caption-dedup", action="store_true",
                    help="keep repeated captions of one image (same text after lower-casing and removing punctuation)")

@@ -245,12 +245,10 @@ def _write_outputs(run: RunResult, arms: dict[str, ArmResult], paired: list[dict
     png = bar_plot(arms)
     if png is not None:
         atomic_write_bytes(out / PLOT_NAME, png)
-    rungs = [{"name": n, "level": 1, "kind": "rung", "metric": "i2t_R@1", "value": a.metrics["i2t_R@1"],
-              "ci_low": a.metrics["i2t_R@1_ci_low"], "ci_high": a.metrics["i2t_R@1_ci_high"],
-              "fit_seconds": a.fit_seconds, "chosen": n == "filtered"} for n, a in arms.items()]
+    # the bar plot stays a file of its own (compare.png): the report has no bar-chart section to inline it in
     doc = {"title": f"encoderlab filter-compare: {filt.dataset.source}", "encoder": filt.encoder,
            "dataset": filt.dataset.source, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "note_md": compare_note(run, arms, paired), "rungs": rungs,
+           "note_md": compare_note(run, arms, paired),
            "histograms": [{"title": "train pair scores (cosine of normalized embeddings)",
                            "values": filt.pairs["score"].dropna().astype(float).tolist(),
                            "cut": filt.cuts.get("cut"), "xlabel": "pair score"}]}

@@ -205,31 +205,41 @@ class KeepOne:
         return int(self.group.max() + 1) if len(self.group) else 0
 
 
+def components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes (the smallest node id in it) for undirected edges
+    ``rows[k] - cols[k]``: min-label propagation with pointer jumping, all in numpy."""
+    label = np.arange(n)
+    while True:
+        low = np.minimum(label[rows], label[cols])
+        new = label.copy()
+        np.minimum.at(new, rows, low)
+        np.minimum.at(new, cols, low)
+        new = new[new]
+        if np.array_equal(new, label):
+            return label
+        label = new
+
+
 def keep_one(n: int, pair_i: np.ndarray, pair_j: np.ndarray, pair_sim: np.ndarray, rank: np.ndarray) -> KeepOne:
     """Greedy keep-one over the near-duplicate pairs; ``rank[i]`` is item i's priority (0 = best, all distinct)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     kept = np.ones(n, dtype=bool)
     dup_of = np.full(n, -1, dtype=np.int64)
     dup_sim = np.full(n, np.nan, dtype=np.float32)
     group = np.full(n, -1, dtype=np.int64)
     if len(pair_i) == 0:
         return KeepOne(kept, dup_of, dup_sim, group)
-    rows = np.concatenate([pair_i, pair_j])
-    cols = np.concatenate([pair_j, pair_i])
-    sims = np.concatenate([pair_sim, pair_sim])
-    graph = coo_matrix((sims, (rows, cols)), shape=(n, n)).tocsr()
-    _, comp = connected_components(graph, directed=False)
+    rows = np.concatenate([pair_i, pair_j]).astype(np.int64)
+    cols = np.concatenate([pair_j, pair_i]).astype(np.int64)
+    order = np.argsort(rows, kind="stable")  # adjacency lists (CSR) of the symmetric graph
+    indices, data = cols[order], np.concatenate([pair_sim, pair_sim])[order]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
     involved = np.unique(rows)
-    _, dense = np.unique(comp[involved], return_inverse=True)
+    _, dense = np.unique(components(n, rows, cols)[involved], return_inverse=True)
     group[involved] = dense
-    # neighbours of each item in priority order, so the first kept one is the best-ranked kept duplicate
-    for item in involved[np.argsort(rank[involved], kind="stable")]:
-        lo, hi = graph.indptr[item], graph.indptr[item + 1]
-        nbrs, nsim = graph.indices[lo:hi], graph.data[lo:hi]
+    for item in involved[np.argsort(rank[involved], kind="stable")]:  # best first
+        nbrs, nsim = indices[indptr[item] : indptr[item + 1]], data[indptr[item] : indptr[item + 1]]
         better = kept[nbrs] & (rank[nbrs] < rank[item])
-        if better.any():
+        if better.any():  # dropped as a copy of its best-ranked kept duplicate
             cands = np.flatnonzero(better)
             best = cands[np.argmin(rank[nbrs[cands]])]
             kept[item], dup_of[item], dup_sim[item] = False, nbrs[best], nsim[best]

@@ -84,6 +84,8 @@ def compare_note(run: RunResult, arms: Mapping[str, Any], paired: Sequence[Mappi
         _md_table(_arm_rows(run.extra["table"]), ["arm", "pairs", "images", "epochs", "steps", *METRIC_NAMES]),
         "", "## Paired differences (bootstrap over the same test queries)",
         _md_table(_paired_rows(paired, c.get("n_boot")), ["comparison", "metric", "difference [95% CI]", "p"]),
+        "", "The bar plot is `compare.png` beside this page; the filter's own report, manifest and dropped pairs "
+        "are in `filter/`.",
     ]
     return "\n".join(lines)
 
