@@ -85,7 +85,7 @@ def report_document(facts: dict[str, Any], note: str) -> dict[str, Any]:
     decided, reported = facts["decided"], facts["reported"]
     retrieval = facts.get("retrieval") or {}
     if "result" in retrieval:
-        doc["retrieval"] = retrieval_examples(retrieval["result"], retrieval.get("root"))
+        doc["retrieval"] = retrieval_examples(retrieval["result"], retrieval.get("root"), retrieval.get("images"))
     if decided and reported:
         doc["rungs"] = _rung_rows(facts)
         doc["curve"] = decided["curve"]
@@ -123,18 +123,24 @@ def _confusion(facts: dict[str, Any], le: Any) -> dict[str, Any] | None:
     return {"classes": list(le.classes), "matrix": np.asarray(confusion_matrix(y, yhat, len(le.classes))).tolist()}
 
 
-def retrieval_examples(result: Any, root: Any, n: int = 3) -> list[dict[str, Any]]:
-    """A few image->text and text->image queries with their top results; the true match's rank marks "correct"."""
+def retrieval_examples(result: Any, root: Any, images: dict[str, str] | None = None, n: int = 3
+                       ) -> list[dict[str, Any]]:
+    """A few image->text and text->image queries with their top results; the true match's rank marks "correct".
+
+    Retrieval predictions name images by item id or by a path relative to the dataset root: ``images`` (id -> path)
+    and ``root`` turn either into a file for the thumbnails."""
     from pathlib import Path
 
     p = result.predictions
     if p is None or not len(p):
         return []
 
-    def image(path: Any) -> str | None:
-        if not isinstance(path, str):
+    def image(name: Any) -> str | None:
+        if not isinstance(name, str):
             return None
-        q = Path(path)
+        if images and name in images:
+            return images[name]
+        q = Path(name)
         return str(q if q.is_absolute() or root is None else Path(root) / q)
 
     out = []

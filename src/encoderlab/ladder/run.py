@@ -283,7 +283,9 @@ def _retrieval(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: Lad
         return {"skipped": why}
     result = rung.run(RungInputs(encoder, ds, store, progress=progress), _options(config, progress))
     prior = caption_prior_baseline(ds, seed=config.seed, n_boot=config.n_boot)
-    return {"result": result, "prior": prior, "root": getattr(ds, "root", None)}
+    t = ds.table
+    images = {str(i): str(p) for i, p in zip(t["id"], t["image"]) if isinstance(p, str)}
+    return {"result": result, "prior": prior, "root": getattr(ds, "root", None), "images": images}
 
 
 def _result(encoder: Encoder, ds: Dataset, facts: dict[str, Any], note: str) -> RunResult:
