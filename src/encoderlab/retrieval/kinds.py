@@ -15,15 +15,20 @@ ivf-pq      ``IVF{nlist},PQ{m}x4fs[,Refine(..)]`` m/2 + 8 [+ 2·d or d]   nprobe
 The rule of ``--kind auto`` for N items of d dimensions and a memory budget B (``--memory``, default 4G; the
 budget is the index's size, which is what searching it at full speed keeps in memory):
 
-1. N < 50,000: ``flat``. Exact search of 50k x 512-d takes a few milliseconds a query; nothing to tune.
+1. N < 50,000: ``flat``: exact, nothing to tune (at 100k x 512-d it still answers ~600 batched queries/s on 2 cores).
 2. else the first kind whose estimated size fits in B, in this order: ``hnsw`` (fastest at high recall, no
-   training), ``ivf-flat`` (exact vectors, a little smaller than HNSW), ``sq8`` (4x smaller, recall about 0.99 of
-   exact), ``ivf-pq`` (smallest: the largest code of m = d/4, d/8, d/16 or d/32 sub-vectors of 4 bits that fits;
-   its recall is lower and is measured like every other).
-3. nothing fits: an error naming the smallest size and the ``--memory`` that would hold it.
+   training), ``ivf-flat`` (exact vectors, a little smaller than HNSW), ``sq8`` (4x smaller, 8-bit vectors, recall
+   close to ivf-flat's), ``ivf-pq`` (smallest: the largest code of m = d/4, d/8, d/16 or d/32 sub-vectors of 4
+   bits that fits; its recall is lower and is measured like every other).
+3. HNSW's recall can level off below the target however large efSearch grows (on tightly clustered data its graph
+   has islands: 0.86 at efSearch 1024 on the 1M synthetic set of ``bench/index.py``), while an IVF kind reaches any
+   recall as nprobe grows. So when the HNSW that auto chose misses the target, the next kind that fits is built
+   instead, and ``index.json`` records the HNSW attempt under ``choice.fallback_from``.
+4. nothing fits: an error naming the smallest size and the ``--memory`` that would hold it.
 
-IVF kinds use nlist = 4·sqrt(N) rounded to a power of two, at most N/39 (FAISS wants 39 training vectors per
-list) and 65,536; they train on a sample of at most 30·nlist vectors (none of the queries held out for measuring).
+IVF kinds use nlist = 4·sqrt(N) rounded to a power of two, at most 65,536 and 1/40 of the vectors available for
+training (FAISS wants 39 per list); they train on a sample of 40·nlist vectors (ivf-pq: at least 10,000), none of
+them a query held out for measuring.
 ``ivf-pq`` asked for by name adds a re-ranking copy when it fits besides the codes (``Refine(SQfp16)``, else
 ``Refine(SQ8)``): the candidates the codes find, ``k_factor``·k of them, are re-scored exactly enough to reach
 recall 0.95; the copy is memory-mapped from the index file on load, so it is read from disk, not held in RAM.
@@ -48,7 +53,7 @@ DEFAULT_MEMORY = 4 << 30
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 MAX_NLIST = 65_536
-TRAIN_PER_LIST = 30
+TRAIN_PER_LIST = 40  # FAISS warns below 39 training vectors per list
 MIN_TRAIN_PQ = 10_000  # the PQ codebooks (16 centroids per sub-vector) want a few thousand vectors whatever nlist
 IVF_KINDS = ("ivf-flat", "sq8", "ivf-pq")
 REFINES = ("fp16", "sq8", "none")
@@ -116,12 +121,14 @@ class IndexPlan:
                 "estimated_bytes": self.estimated_bytes}
 
 
-def nlist_for(n: int) -> int:
-    """4·sqrt(n) rounded to a power of two, at most n/39 (39 training vectors per list) and ``MAX_NLIST``."""
-    if n < 39:
+def nlist_for(n: int, train_rows: int | None = None) -> int:
+    """4·sqrt(n) rounded to a power of two, at most ``MAX_NLIST`` and ``train_rows``/40 (the vectors available for
+    training, default n: FAISS wants 39 per list)."""
+    avail = n if train_rows is None else train_rows
+    if n < 2 or avail < 2 * TRAIN_PER_LIST:
         return 1
     target = 2 ** round(math.log2(4 * math.sqrt(n)))
-    cap = 2 ** int(math.log2(n // 39))
+    cap = 2 ** int(math.log2(avail // TRAIN_PER_LIST))
     return int(max(1, min(target, cap, MAX_NLIST)))
 
 
@@ -156,14 +163,14 @@ def pq_sizes(d: int) -> list[int]:
     return found or [d]
 
 
-def _params(kind: str, n: int, d: int, memory: int, refine: str | None) -> dict[str, Any]:
+def _params(kind: str, n: int, d: int, memory: int, refine: str | None, train_rows: int | None) -> dict[str, Any]:
     """Build parameters of ``kind`` for ``n`` x ``d``: for ivf-pq the largest code (and most precise re-ranking copy,
     unless ``refine`` names one) that fits ``memory``, else the smallest; the caller compares sizes with the budget."""
     if kind == "hnsw":
         return {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION}
     if kind == "flat":
         return {}
-    nlist = nlist_for(n)
+    nlist = nlist_for(n, train_rows)
     if kind != "ivf-pq":
         return {"nlist": nlist}
     refines = [refine] if refine else list(REFINES)
@@ -176,10 +183,12 @@ def _params(kind: str, n: int, d: int, memory: int, refine: str | None) -> dict[
 
 
 def choose_plan(n: int, d: int, kind: str = "auto", memory: int | str = DEFAULT_MEMORY,
-                refine: str | None = None) -> IndexPlan:
+                refine: str | None = None, train_rows: int | None = None, skip: tuple[str, ...] = ()) -> IndexPlan:
     """The kind and build parameters for ``n`` vectors of ``d`` dimensions (the rule in the module docstring).
 
     ``refine`` (ivf-pq only): ``fp16``, ``sq8`` or ``none``; None = the most precise that fits (``none`` under auto).
+    ``train_rows``: vectors available for training IVF kinds (default n; the build holds its queries out).
+    ``skip``: kinds auto passes over (the fallback after HNSW missed the recall target).
     """
     budget = parse_memory(memory)
     if kind not in KIND_CHOICES:
@@ -193,15 +202,15 @@ def choose_plan(n: int, d: int, kind: str = "auto", memory: int | str = DEFAULT_
     if n < 1:
         raise EncoderlabError("nothing to index: 0 items", "index a dataset with usable items")
     if kind != "auto":
-        params = _params(kind, n, d, budget, refine)
+        params = _params(kind, n, d, budget, refine, train_rows)
         size = estimate_bytes(kind, n, d, params)
         note = "" if size <= budget else f" (over the {format_bytes(budget)} budget: asked for by name)"
         return IndexPlan(kind, d, n, params, f"asked for --kind {kind}{note}", size)
     if n < FLAT_BELOW:
         return IndexPlan("flat", d, n, {}, f"{n:,} items < {FLAT_BELOW:,}: exact search is fast enough",
                          estimate_bytes("flat", n, d, {}))
-    for k in ("hnsw", "ivf-flat", "sq8", "ivf-pq"):
-        params = _params(k, n, d, budget, (refine or "none") if k == "ivf-pq" else None)
+    for k in (k for k in ("hnsw", "ivf-flat", "sq8", "ivf-pq") if k not in skip):
+        params = _params(k, n, d, budget, (refine or "none") if k == "ivf-pq" else None, train_rows)
         size = estimate_bytes(k, n, d, params)
         if size <= budget:
             return IndexPlan(k, d, n, params, f"{n:,} items: the first kind of hnsw, ivf-flat, sq8, ivf-pq that fits "
@@ -247,16 +256,19 @@ def search_parameters(kind: str, knobs: dict[str, Any], k: int, ntotal: int, nli
     """FAISS ``SearchParameters`` for one search of ``k`` results, or None (defaults, no filter).
 
     HNSW explores at least k candidates (efSearch >= k); IVF probes enough lists to hold about 2·k vectors, so a
-    large k still gets k results. ``allowed``: rows (int64) the results are restricted to.
+    large k still gets k results. ``allowed``: rows (int64) the results are restricted to; both then widen the
+    search by the share of rows left out (HNSW at most 16x), since the filter drops candidates after they are found.
     """
     faiss = require_faiss()
     sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
     extra: dict[str, Any] = {"sel": sel} if sel is not None else {}
+    reachable = max(1, min(ntotal, len(allowed))) if allowed is not None else max(ntotal, 1)
     if kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=max(int(knobs["efSearch"]), k), **extra)
+        widen = min(16, math.ceil(ntotal / reachable))
+        return faiss.SearchParametersHNSW(efSearch=max(int(knobs["efSearch"]), k) * widen, **extra)
     if kind in IVF_KINDS:
         nl = int(nlist or 1)
-        need = math.ceil(2 * k * nl / max(ntotal, 1))
+        need = math.ceil(2 * k * nl / reachable)
         ivf = faiss.SearchParametersIVF(nprobe=int(min(nl, max(int(knobs["nprobe"]), need))), **extra)
         if "k_factor" in knobs:
             out = faiss.IndexRefineSearchParameters(k_factor=float(knobs["k_factor"]), base_index_params=ivf)

@@ -75,12 +75,15 @@ def exact_neighbours(source: VectorSource, queries: np.ndarray, k: int, *, chunk
     return best_i
 
 
-def compute_truth(held: HeldOut, source: VectorSource, k: int = RECALL_K, progress: bool = False) -> HeldOut:
+def compute_truth(held: HeldOut, source: VectorSource, k: int = RECALL_K, progress: bool = False,
+                  chunk: int = GT_CHUNK) -> HeldOut:
     """Fill in the exact neighbours of both query samples in one streamed pass over ``source``."""
     t0 = time.perf_counter()
     rows = held.all_rows
-    truth = exact_neighbours(source, source.take(rows), k + 1, progress=progress) if len(rows) else np.zeros(
-        (0, k + 1), np.int64)
+    if len(rows):
+        truth = exact_neighbours(source, source.take(rows), k + 1, chunk=min(chunk, GT_CHUNK), progress=progress)
+    else:
+        truth = np.zeros((0, k + 1), np.int64)
     held.eval_truth, held.tune_truth = truth[: len(held.eval_rows)], truth[len(held.eval_rows):]
     held.exact_seconds = time.perf_counter() - t0
     return held
