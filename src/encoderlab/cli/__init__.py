@@ -25,10 +25,11 @@ from typing import Any, NoReturn
 from .. import __version__
 from ..errors import EncoderlabError
 from ..results.run import json_default
-from . import align, bench_encoders, coop, curate, data, embed, encoders, finetune, ladder, rungs, store
+from . import align, bench_encoders, coop, curate, data, embed, encoders, finetune, index, ladder, rungs, serve, store
 from .options import FORMATTER, examples, remove_unused_run_dir
 
-COMMAND_GROUPS = (encoders, data, store, embed, rungs, ladder, bench_encoders, align, coop, finetune, curate)
+COMMAND_GROUPS = (encoders, data, store, embed, rungs, ladder, bench_encoders, align, coop, finetune, curate,
+                  index, serve)
 
 #: ``--help`` examples of the parsers that only group subcommands (registered in their modules without any)
 GROUP_EXAMPLES = {
