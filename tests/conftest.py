@@ -386,3 +386,42 @@ def tiny_aligned_dir(tmp_path_factory: pytest.TempPathFactory, tiny_vit_dir: Pat
     config = {"kind": "aligned", "format_version": 1, "vision": specs["image"], "text": specs["text"], "dim": 8,
               "head": "linear", "logit_scale": 10.0, "input_dims": dims, "input_normalize": True}
     return save_aligned(tmp_path_factory.mktemp("aligned") / "pair", config, tensors)
+
+
+@pytest.fixture(scope="session")
+def tiny_flava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FLAVA: ViT image / BERT text / multimodal towers, WordPiece tokenizer (max length 32); resize + crop 32."""
+    import torch
+    from transformers import FlavaConfig, FlavaModel
+
+    out = tmp_path_factory.mktemp("tiny-flava")
+    vocab_size = _save_bert_tokenizer(out, max_length=32)
+    config = FlavaConfig(
+        image_config=dict(**TINY_VISION),
+        text_config=dict(vocab_size=vocab_size, max_position_embeddings=32, **TINY_TEXT),
+        multimodal_config=dict(**TINY_TEXT),
+        hidden_size=32,  # FlavaForPreTraining's heads (the contrastive reference)
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = FlavaModel(config)
+    with torch.no_grad():  # init sets log(1/0.07); a distinct value shows the scale is read from the weights
+        model.logit_scale.fill_(2.1)
+    _save_model(model, out)
+    _write_json(
+        out / "preprocessor_config.json",
+        {
+            "image_processor_type": "FlavaImageProcessor",
+            "do_resize": True,
+            "size": {"height": 36, "width": 36},
+            "resample": 3,
+            "do_center_crop": True,
+            "crop_size": {"height": 32, "width": 32},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": CLIP_MEAN,  # FLAVA_IMAGE_MEAN / STD are OpenAI CLIP's
+            "image_std": CLIP_STD,
+        },
+    )
+    return out

@@ -118,6 +118,7 @@ CASES = [
     Case("hf:<id>", "hf-clip", _fixture_spec("hf", "tiny_clip_dir")),
     Case("hf:<id>", "hf-siglip", _fixture_spec("hf", "tiny_siglip_dir")),
     Case("hf:<id>", "hf-align", _fixture_spec("hf", "tiny_align_dir")),
+    Case("hf:<id>", "hf-flava", _fixture_spec("hf", "tiny_flava_dir")),
     Case("hf-vision:<id>", "hf-vision-vit", _fixture_spec("hf-vision", "tiny_vit_dir")),
     Case("hf-vision:<id>", "hf-vision-dinov2", _fixture_spec("hf-vision", "tiny_dinov2_dir")),
     Case("hf-vision:<id>", "hf-vision-resnet", _fixture_spec("hf-vision", "tiny_resnet_dir")),

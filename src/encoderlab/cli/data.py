@@ -9,7 +9,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..results.tables import format_table
-from .options import add_common, add_data_options, add_max_pixels_option, add_parser, load_data, progress, say, warn
+from .options import (
+    add_common,
+    add_data_options,
+    add_max_pixels_option,
+    add_parser,
+    int_at_least,
+    load_data,
+    progress,
+    say,
+    warn,
+)
 
 
 def register(sub: Any) -> None:
@@ -42,6 +52,23 @@ def register(sub: Any) -> None:
     add_data_options(p)
     add_common(p)
     p.set_defaults(func=cmd_data_inspect)
+
+    p = add_parser(data_sub, "export-wds", "write a dataset as WebDataset tar shards (img2dataset layout)",
+                   "encoderlab data export-wds --data emoji --out shards/\n"
+                   "encoderlab data export-wds --data 'csv:pairs.csv?text=caption' --out shards/ --shard-size 5000")
+    p.description = (
+        "Writes every item with an image as KEY.<image ext>, KEY.txt (first caption), KEY.json (id, label, split, all "
+        "captions, metadata) and KEY.cls (label) into DIR/00000.tar, DIR/00001.tar, ... (each shard written to a "
+        "temporary file and renamed), and prints the wds: spec that reads them back. Items without a readable image "
+        "are listed as skipped."
+    )
+    p.add_argument("--data", required=True, help="dataset spec: emoji, folder:DIR, csv:PATH, wds:PATH, ...")
+    p.add_argument("--out", required=True, help="folder for the shards (created if needed)")
+    p.add_argument("--shard-size", type=int_at_least(1), default=1000,
+                   help="samples per shard (default: %(default)s)")
+    add_data_options(p)
+    add_common(p)
+    p.set_defaults(func=cmd_data_export_wds)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,6 +133,20 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict[str, Any]:
         if groups:
             say(_duplicates_text(groups, str(ds.root)))
         warn(_skipped_text(skipped))
+    return out
+
+
+def cmd_data_export_wds(args: argparse.Namespace) -> dict[str, Any]:
+    """Write ``--data`` as tar shards under ``--out``; the summary holds the ``wds:`` spec that reads them."""
+    from ..data.wds import export_wds
+
+    ds = load_data(args, whole=True)
+    out = export_wds(ds, args.out, shard_size=args.shard_size)
+    out["skipped"] = list(ds.skipped) + out["skipped"]
+    if not args.json:
+        say(f"{ds.source}: wrote {out['items']} item(s) in {out['shards']} shard(s) to {out['out']}")
+        say(f"read them back with: {out['spec']}")
+        warn(_skipped_text(out["skipped"]))
     return out
 
 

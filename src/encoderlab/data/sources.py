@@ -2,8 +2,9 @@
 
 Specs: ``folder:PATH``, ``csv:PATH``, ``jsonl:PATH``, ``parquet:PATH`` (options after ``?``, e.g.
 ``csv:pairs.csv?image=img_path&text=caption``), packaged sets ``openclipart``, ``emoji``, ``emoji:subcategory``,
-``fashion-mnist``. A bare existing directory reads as ``folder:``, a bare ``.csv``/``.jsonl``/``.parquet`` file
-as its format. ``load_dataset`` is the only place that turns a spec into a ``Dataset``.
+``fashion-mnist``, WebDataset shards ``wds:DIR/{00000..00099}.tar``. A bare existing directory reads as
+``folder:``, a bare ``.csv``/``.jsonl``/``.parquet`` file as its format. ``load_dataset`` is the only place that
+turns a spec into a ``Dataset``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        from . import packaged, tabular  # noqa: F401
+        from . import packaged, tabular, wds  # noqa: F401
 
 
 def list_sources() -> dict[str, str]:

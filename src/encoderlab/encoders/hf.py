@@ -39,12 +39,16 @@ class DualFamily:
     use_attention_mask: bool = True
     #: truncation length used by the family's own processor, when it overrides the tokenizer's
     max_length: int | None = None
+    #: FLAVA's get_image_features / get_text_features project every token; its contrastive embedding (the one
+    #: FlavaForPreTraining scores) is the first (CLS) token of that sequence
+    first_token: bool = False
 
 
 DUAL_FAMILIES: dict[str, DualFamily] = {
     "clip": DualFamily(score_kind="softmax", padding="longest"),
     "siglip": DualFamily(score_kind="sigmoid", padding="max_length", use_attention_mask=False),
     "align": DualFamily(score_kind="softmax", padding="longest", max_length=64),  # AlignProcessor's max_length
+    "flava": DualFamily(score_kind="softmax", padding="longest", first_token=True),  # BERT tokenizer, masked
 }
 
 
@@ -70,6 +74,14 @@ DUAL_LAYOUTS: dict[str, dict[str, TowerLayout]] = {
         "image": _layout(("vision_model.embeddings",), "vision_model.encoder.blocks"),
         "text": _layout(("text_model.embeddings",), "text_model.encoder.layer",
                         ("pooler", ("text_model.pooler",)), ("projection", ("text_projection",))),
+    },
+    # FLAVA: ViT / BERT towers projecting the final-norm CLS token; their tanh poolers are unused (listed so each
+    # tower's parameters are covered), and the multimodal encoder is in neither tower
+    "flava": {
+        tower: _layout((f"{tower}_model.embeddings",), f"{tower}_model.encoder.layer",
+                       ("pooler", (f"{tower}_model.pooler",)), ("final_norm", (f"{tower}_model.layernorm",)),
+                       ("projection", (f"{tower}_projection",)))
+        for tower in ("image", "text")
     },
 }
 
@@ -300,7 +312,7 @@ class _HFEncoder(Encoder):
 
 
 class HFDualEncoder(ModelBackedTrainable, _HFEncoder):
-    """CLIP / SigLIP / ALIGN: projected image and text embeddings in one space, with the model's own scoring."""
+    """CLIP / SigLIP / ALIGN / FLAVA: projected image and text embeddings in one space, with the model's own scoring."""
 
     adapter = "hf-dual"
 
@@ -348,14 +360,19 @@ class HFDualEncoder(ModelBackedTrainable, _HFEncoder):
 
     def encode_pixels(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         with inference_context(self.device, self.precision):
-            out = output_tensor(self.model.get_image_features(pixel_values=self._pixels(pixel_values)))
+            out = self._features(self.model.get_image_features(pixel_values=self._pixels(pixel_values)))
         return self._finish(out, normalize)
 
     def encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         batch = self._to_device(self.tokenize(texts))
         with inference_context(self.device, self.precision):
-            out = output_tensor(self.model.get_text_features(**batch))
+            out = self._features(self.model.get_text_features(**batch))
         return out.float().cpu()
+
+    def _features(self, out: Any) -> torch.Tensor:
+        """One embedding per input from a get_*_features output (FLAVA: the CLS token of its projected sequence)."""
+        x = output_tensor(out)
+        return x[:, 0] if self.family.first_token else x
 
     def _preprocessing_parts(self) -> dict[str, Any]:
         return {
@@ -375,7 +392,7 @@ class HFDualEncoder(ModelBackedTrainable, _HFEncoder):
         """Pixel values -> ``get_image_features``, as in ``encode_pixels`` but fp32 and with gradients."""
 
         def features(pixel_values: torch.Tensor) -> torch.Tensor:
-            return output_tensor(self.model.get_image_features(pixel_values=self._pixels(pixel_values)))
+            return self._features(self.model.get_image_features(pixel_values=self._pixels(pixel_values)))
 
         return TowerModule(self.model, self.tower_layout("image"), features, on_train=self._weights_changed)
 
@@ -383,7 +400,7 @@ class HFDualEncoder(ModelBackedTrainable, _HFEncoder):
         """``tokenize`` dict -> ``get_text_features``, as in ``encode_text_batch`` but with gradients."""
 
         def features(tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            return output_tensor(self.model.get_text_features(**self._to_device(dict(tokens))))
+            return self._features(self.model.get_text_features(**self._to_device(dict(tokens))))
 
         return TowerModule(self.model, self.tower_layout("text"), features, on_train=self._weights_changed)
 
@@ -606,7 +623,7 @@ def pool_text_output(hidden: torch.Tensor, attention_mask: torch.Tensor, pool: s
 
 
 def load_hf(target: str, *, device: torch.device, precision: str) -> Encoder:
-    """``hf:ID`` — a CLIP / SigLIP / ALIGN dual encoder from the hub or a save_pretrained directory."""
+    """``hf:ID`` — a CLIP / SigLIP / ALIGN / FLAVA dual encoder from the hub or a save_pretrained directory."""
     model_id, _ = split_target(target, {})
     return HFDualEncoder(model_id, device=device, precision=precision)
 
@@ -621,6 +638,7 @@ def load_hf_text(target: str, *, device: torch.device, precision: str) -> Encode
     return HFTextEncoder(target, device=device, precision=precision)
 
 
-register_prefix("hf", load_hf, "transformers dual image-text encoder: CLIP, SigLIP, ALIGN (hub id or directory)")
+register_prefix("hf", load_hf,
+                "transformers dual image-text encoder: CLIP, SigLIP, ALIGN, FLAVA (hub id or directory)")
 register_prefix("hf-vision", load_hf_vision, "transformers vision backbone: ViT, DINOv2, ResNet, ConvNeXt, ...")
 register_prefix("hf-text", load_hf_text, "transformers text encoder (BERT family), mean pooling by default")
