@@ -20,8 +20,9 @@ import torch
 
 from ..errors import EncoderlabError
 
-TRAINABLE_KINDS = ("hf: dual encoders (CLIP, SigLIP, ALIGN), open_clip: ViT models, hf-vision: ViT / DeiT / DINOv2 / "
-                   "ResNet backbones and hf-text: BERT-family encoders")
+TRAINABLE_KINDS = ("hf: dual encoders (CLIP, SigLIP, ALIGN, FLAVA), open_clip: ViT models, hf-vision: ViT / DeiT / "
+                   "DINOv2 / ResNet backbones, hf-text: BERT-family encoders, the packaged EfficientNets and aligned "
+                   "pairs (local:DIR) of trainable towers")
 ParameterGroups = list[tuple[str, list[torch.nn.Parameter]]]
 
 
