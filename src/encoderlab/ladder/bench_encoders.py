@@ -155,24 +155,13 @@ def encoder_params(encoder: Any) -> int:
 
 def _warm_up(encoder: Any, modality: str, items: list[str]) -> float:
     """One small batch before timing: first calls allocate, export or compile (ONNX Runtime, TorchScript)."""
-    import torch
-
-    from ..data.images import load_image
-    from ..errors import BadImageError
+    from ..rungs.costs import encode_image_files
 
     t0 = time.perf_counter()
     if modality == "text":
         encoder.encode_texts(items)
-        return time.perf_counter() - t0
-    transform, pixels = encoder.image_transform(), []
-    for p in items:
-        try:
-            pixels.append(transform(load_image(p)))
-        except BadImageError:
-            continue
-    if pixels:
-        with torch.inference_mode():
-            encoder.encode_pixels(torch.stack(pixels))
+    else:
+        encode_image_files(encoder, items)
     return time.perf_counter() - t0
 
 

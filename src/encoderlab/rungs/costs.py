@@ -54,22 +54,28 @@ def encoder_ms_per_item(encoder: Encoder, dataset: Dataset, modality: str = "ima
     transform = encoder.image_transform()
 
     def run(batch: list[str]) -> int:
-        pixels = []
-        for p in batch:
-            try:
-                pixels.append(transform(load_image(p)))
-            except BadImageError:
-                continue
-        if pixels:
-            with torch.inference_mode():
-                encoder.encode_pixels(torch.stack(pixels))
-        return len(pixels)
+        return encode_image_files(encoder, batch, transform)
 
     if not paths:
         return float("nan")
     run(paths[:4])  # warm-up
     sample = paths[4:] or paths
     return ms_per_item(lambda: run(sample), len(sample), repeats=2)
+
+
+def encode_image_files(encoder: Encoder, paths: list[str], transform: Any = None) -> int:
+    """Decode, preprocess and encode ``paths`` as one batch (undecodable files left out); how many were encoded."""
+    transform = transform or encoder.image_transform()
+    pixels = []
+    for p in paths:
+        try:
+            pixels.append(transform(load_image(p)))
+        except BadImageError:
+            continue
+    if pixels:
+        with torch.inference_mode():
+            encoder.encode_pixels(torch.stack(pixels))
+    return len(pixels)
 
 
 def n_params(module: Any) -> int:
