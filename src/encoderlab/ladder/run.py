@@ -247,6 +247,7 @@ def run_ladder(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: Lad
     config = config or LadderConfig()
     config.check()
     t0 = time.perf_counter()
+    ds = ds.ensure_validation(seed=config.seed)  # one val split for both phases (carved once when the data has none)
     shape = task_shape(ds, encoder)
     if shape["kind"] == "none":
         raise EncoderlabError(f"dataset {ds.source!r} has neither labels nor image-caption pairs",
