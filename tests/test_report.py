@@ -515,3 +515,11 @@ def test_report_in_a_real_browser(browser: Any, tmp_path: Path) -> None:
     assert policy == CSP
     headings = browser.execute_script("return Array.from(document.querySelectorAll('h2, h3')).map(h => h.innerText)")
     assert set(HEADINGS) <= set(headings)
+
+
+def test_the_note_section_takes_the_document_title_for_it():
+    from encoderlab.report import report_html
+
+    page = report_html({"title": "t", "note_md": "# x\n\nsome text", "note_title": "Filter summary"})
+    assert "<h2>Filter summary</h2>" in page and "Encoder Note</h2>" not in page
+    assert "<h2>Encoder Note</h2>" in report_html({"title": "t", "note_md": "text"})

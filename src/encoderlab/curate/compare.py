@@ -248,7 +248,7 @@ def _write_outputs(run: RunResult, arms: dict[str, ArmResult], paired: list[dict
     # the bar plot stays a file of its own (compare.png): the report has no bar-chart section to inline it in
     doc = {"title": f"encoderlab filter-compare: {filt.dataset.source}", "encoder": filt.encoder,
            "dataset": filt.dataset.source, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "note_md": compare_note(run, arms, paired),
+           "note_md": compare_note(run, arms, paired), "note_title": "Filter comparison",
            "histograms": [{"title": "train pair scores (cosine of normalized embeddings)",
                            "values": filt.pairs["score"].dropna().astype(float).tolist(),
                            "cut": filt.cuts.get("cut"), "xlabel": "pair score"}]}

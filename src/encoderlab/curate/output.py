@@ -211,7 +211,7 @@ def write_filter(result: FilterResult, out_dir: str | Path, store: EmbeddingStor
     if report:
         doc = {"title": f"encoderlab filter: {result.dataset.source}", "encoder": result.encoder,
                "dataset": result.dataset.source, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "note_md": filter_note(result, spec), "histograms": hists,
+               "note_md": filter_note(result, spec), "note_title": "Filter summary", "histograms": hists,
                "retrieval": _examples(result, store, examples) + _near_groups(result),
                "data_problems": {"counts": {k: v for k, v in result.counts.items() if v},
                                  "items": [{"kind": r.reason, "id": r.id, "detail": r.detail}

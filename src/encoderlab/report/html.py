@@ -13,6 +13,7 @@ Top-level values of the wrong type raise ``TypeError`` naming the key (a caller'
     encoder: str; dataset: str; created: str (ISO time)
     note_md: str                    # the Encoder Note, markdown: # / ## headings, paragraphs, - bullets,
                                     # 1. lists, **bold**, *italic*, `code`, ``` fences, pipe tables
+    note_title: str                 # the note section's heading (default "Encoder Note"; e.g. "Filter summary")
     rungs: [ {name, level (0 = baseline), kind: "baseline" | "rung", metric (e.g. "top1"), value, ci_low,
               ci_high, fit_seconds, predict_ms_per_item, peak_rss_mb, trainable_params, chosen: bool,
               skipped: str | None} ]
@@ -68,7 +69,7 @@ MAX_LISTED = 50
 MAX_CARD_TEXT = 300
 NO_MATPLOTLIB = "plot not drawn: matplotlib is not installed (pip install 'encoderlab[report]')"
 
-_STR_KEYS = ("title", "encoder", "dataset", "created", "note_md")
+_STR_KEYS = ("title", "encoder", "dataset", "created", "note_md", "note_title")
 _LIST_KEYS = ("rungs", "per_class", "slices", "failing", "retrieval", "histograms")
 _DICT_KEYS = ("curve", "confusion", "data_problems")
 
@@ -432,7 +433,7 @@ def report_html(doc: Mapping[str, Any], *, thumb_px: int = THUMB_PX, max_pixels:
         value = doc.get(key)
         body = render(value, ctx) if value else ""
         if body:
-            sections.append((anchor, heading, body))
+            sections.append((anchor, (doc.get("note_title") or heading) if key == "note_md" else heading, body))
     unreadable = _unreadable_section(ctx)  # after the others: it lists what they failed to decode
     if unreadable:
         note = '<p class="muted">These images are shown as placeholder boxes above.</p>'
