@@ -381,22 +381,28 @@ def _browser_paths() -> tuple[str, str]:
     return str(chromium), str(chromedriver)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Any:
+def chrome(window: str, logs: dict[str, str]) -> Any:
+    """A headless Debian Chromium driven by selenium (skips when either is missing); the caller quits it."""
     chromium, chromedriver = _browser_paths()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium  # with both paths given, selenium never runs its driver downloader
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,2000",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--window-size={window}",
                 "--hide-scrollbars", "--force-device-scale-factor=1", "--no-first-run", "--disable-extensions",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
         opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    opts.set_capability("goog:loggingPrefs", logs)
     driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
+    driver.set_page_load_timeout(60)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser() -> Any:
+    driver = chrome("1280,2000", {"performance": "ALL", "browser": "ALL"})
     try:
-        driver.set_page_load_timeout(60)
         yield driver
     finally:
         driver.quit()

@@ -533,22 +533,10 @@ def _artifacts() -> Path:
 
 @pytest.fixture(scope="module")
 def browser() -> Any:
-    from test_report import _browser_paths  # skips with the reason when chromium / chromedriver / selenium is missing
+    from test_report import chrome  # skips with the reason when chromium / chromedriver / selenium is missing
 
-    chromium, chromedriver = _browser_paths()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium  # with both paths given, selenium never runs its driver downloader
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
-                "--hide-scrollbars", "--force-device-scale-factor=1", "--no-first-run", "--disable-extensions",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
+    driver = chrome("1280,900", {"browser": "ALL"})
     try:
-        driver.set_page_load_timeout(60)
         yield driver
     finally:
         driver.quit()

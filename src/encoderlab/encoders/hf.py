@@ -435,7 +435,18 @@ def _load_single_tower(model_id: str) -> tuple[Any, Any, list[str]]:
     return config, model, missing
 
 
-class HFVisionEncoder(ModelBackedTrainable, _HFEncoder):
+class _SingleTowerTrainable(ModelBackedTrainable):
+    """``ModelBackedTrainable`` for one-tower models whose embedding may not use the model's pooler."""
+
+    pool: str
+
+    def parameter_groups(self, tower: str) -> ParameterGroups:
+        """The layout's groups, without the pooler's unless the embedding is the pooler output (``?pool=pooler``,
+        vision only): a group that gets no gradient would make ``last:1`` train nothing."""
+        return [(n, ps) for n, ps in super().parameter_groups(tower) if n != "pooler" or self.pool == "pooler"]
+
+
+class HFVisionEncoder(_SingleTowerTrainable, _HFEncoder):
     """Any AutoModel vision backbone; the embedding is pooled per ``VISION_POOLING`` (or ``?pool=``).
 
     Trainable (``encoders.trainable``) for the families of ``SINGLE_LAYOUTS``; the whole model is the image tower.
@@ -496,11 +507,6 @@ class HFVisionEncoder(ModelBackedTrainable, _HFEncoder):
             raise EncoderlabError(f"{self.spec!r} has no {tower} tower", "use image")
         return single_layout(self.model, self.model_type, self.spec)
 
-    def parameter_groups(self, tower: str) -> ParameterGroups:
-        """The layout's groups, without the pooler's where the embedding does not use it (a group that gets no
-        gradient would make ``last:1`` train nothing)."""
-        return [(n, ps) for n, ps in super().parameter_groups(tower) if n != "pooler" or self.pool == "pooler"]
-
     def image_module(self) -> TowerModule:
         """Pixel values -> pooled features, as in ``encode_pixels`` but fp32 and with gradients."""
 
@@ -547,7 +553,7 @@ def pool_vision_output(out: Any, pool: str, prefix_tokens: int) -> torch.Tensor:
     return hidden[:, prefix_tokens:].mean(dim=1)
 
 
-class HFTextEncoder(ModelBackedTrainable, _HFEncoder):
+class HFTextEncoder(_SingleTowerTrainable, _HFEncoder):
     """Any AutoModel text encoder: mean over the attention mask (default) or the first token (``?pool=cls``).
 
     Trainable (``encoders.trainable``) for the families of ``SINGLE_LAYOUTS``; the whole model is the text tower.
@@ -589,11 +595,6 @@ class HFTextEncoder(ModelBackedTrainable, _HFEncoder):
         if tower != "text":
             raise EncoderlabError(f"{self.spec!r} has no {tower} tower", "use text")
         return single_layout(self.model, self.model_type, self.spec)
-
-    def parameter_groups(self, tower: str) -> ParameterGroups:
-        """The layout's groups without the pooler's: mean or first-token pooling never uses it (a group that gets no
-        gradient would make ``last:1`` train nothing)."""
-        return [(n, ps) for n, ps in super().parameter_groups(tower) if n != "pooler"]
 
     def text_module(self) -> TowerModule:
         """``tokenize`` dict -> pooled features, as in ``encode_text_batch`` but with gradients."""

@@ -164,7 +164,7 @@ def _report_phase(encoder: Encoder, ds: Dataset, store: EmbeddingStore, config: 
     decision: Climb = decided["climb"]
     inputs = RungInputs(encoder, ds, store, progress=progress)
     base = _options(config, progress)
-    base.encoder_ms = encoder_cost(encoder, inputs.labelled(), "test", None)
+    base.encoder_ms = decided["encoder_ms"]  # the encoder's per-item cost, measured once in phase 1
     results, scores, failed = {}, {}, {}
     for name, picked in decision.scores.items():
         if say is not None:

@@ -497,15 +497,22 @@ def _finish(encoder: Encoder, plan: TrainPlan, config: FinetuneConfig
         lora = {"rank": plan.spec.n, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                 "scaling": scaling, "targets": plan.lora_targets}
     else:
-        state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        for name, m in model.named_modules():  # statistics of modules that trained (BatchNorm running stats)
-            if any(p.requires_grad for p in m.parameters(recurse=False)):
-                for b, t in m.named_buffers(recurse=False):
-                    if b not in m._non_persistent_buffers_set:
-                        state[f"{name}.{b}" if name else b] = t.detach().clone()
+        state = trained_state(model)
     model.requires_grad_(False)
     getattr(encoder, "_weights_changed", lambda: None)()
     return state, lora
+
+
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that require grad, plus the persistent buffers (BatchNorm running statistics) of
+    the modules that own such parameters: what a fine-tune changed, by the model's own names."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, m in model.named_modules():
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            for b, t in m.named_buffers(recurse=False):
+                if b not in m._non_persistent_buffers_set:
+                    state[f"{name}.{b}" if name else b] = t.detach().clone()
+    return state
 
 
 def unload_lora(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], float]:

@@ -35,6 +35,7 @@ from .finetune import (
     lora_targets,
     open_trainable,
     trainable_module,
+    trained_state,
     unload_lora,
 )
 from .loop import FitResult, decay_groups, fit
@@ -437,12 +438,7 @@ def _finish(encoder: Encoder, cmodel: ContrastiveModel, plan: ContrastivePlan, c
     from ..encoders.finetuned import merge_lora_state
 
     model = trainable_module(encoder)
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    for name, m in model.named_modules():  # statistics of modules that trained (BatchNorm running stats)
-        if any(p.requires_grad for p in m.parameters(recurse=False)):
-            for b, t in m.named_buffers(recurse=False):
-                if b not in m._non_persistent_buffers_set:
-                    state[f"{name}.{b}" if name else b] = t.detach().clone()
+    state = trained_state(model)
     lora = None
     if plan.spec.kind == "lora":
         state = {k: v for k, v in state.items() if "lora_" not in k}  # the factors are saved by module below
