@@ -24,7 +24,7 @@ $(VENV)/.stamp-core: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-core
-	$(PIP) install -q -e ".[dev,finetune]"
+	$(PIP) install -q -e ".[dev,finetune,distributed]"
 	touch $@
 
 setup: $(VENV)/.stamp-core

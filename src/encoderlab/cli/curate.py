@@ -11,10 +11,13 @@ from .options import (
     add_common,
     add_data_options,
     add_device_options,
+    add_engine_options,
     add_max_pixels_option,
     add_parser,
     add_store_option,
+    check_engine_options,
     check_spec,
+    engine_scope,
     int_at_least,
     load_data,
     make_encoder,
@@ -164,6 +167,7 @@ def register(sub: Any) -> None:
                    help="lowest- and highest-scored pairs shown in report.html (default: %(default)s)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-cache", action="store_true", help="recompute pair scores and image checks (not cached)")
+    add_engine_options(p)
     _add_shared(p)
     p.set_defaults(func=cmd_filter)
 
@@ -197,6 +201,7 @@ def _encoder_and_data(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any
     from ..errors import EncoderlabError
 
     check_spec(args.encoder)
+    check_engine_options(args)
     ds = load_data(args, whole=True)
     check_captions(ds)
     if cfg.per_class_quota is not None and not ds.classes:
@@ -214,8 +219,10 @@ def cmd_filter(args: argparse.Namespace) -> dict[str, Any]:
     cfg = filter_config(args)
     out_dir = prepare_run_dir(args, "filter", args.encoder)
     ds, encoder, store = _encoder_and_data(args, cfg)
-    result = filter_dataset(encoder, ds, store, cfg, split=args.split, progress=progress(args),
-                            batch_size=args.batch_size, max_pixels=args.max_pixels, cache=not args.no_cache)
+    with engine_scope(args) as engine:
+        result = filter_dataset(encoder, ds, store, cfg, split=args.split, progress=progress(args),
+                                batch_size=args.batch_size, max_pixels=args.max_pixels, cache=not args.no_cache,
+                                engine=engine)
     run = write_filter(result, out_dir, store, examples=args.examples, report=not args.no_report)
     spec = run.extra["spec"]
     if not args.json:

@@ -12,10 +12,13 @@ from .options import (
     add_common,
     add_data_options,
     add_device_options,
+    add_engine_options,
     add_max_pixels_option,
     add_parser,
     add_store_option,
+    check_engine_options,
     check_spec,
+    engine_scope,
     load_data,
     make_encoder,
     non_negative_int,
@@ -46,6 +49,7 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=non_negative_int,
                    help="image decode worker processes; 0 decodes in this process (default: half the cores)")
     add_device_options(p)
+    add_engine_options(p)
     add_max_pixels_option(p)
     p.add_argument("--strict", action="store_true", help="fail on the first file that cannot be used")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -58,6 +62,7 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from ..extract.embed import check_strict, embed_dataset
 
     check_spec(args.encoder)
+    check_engine_options(args)
     # Cheap checks of where things go come before the data is read and the model loaded, so they fail first.
     out_dir = prepare_run_dir(args, "embed", args.encoder)
     store = open_store(args)
@@ -65,15 +70,17 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     if args.strict:
         check_strict(ds)  # before the model is even loaded
     encoder = make_encoder(args)
-    summary = embed_dataset(encoder, ds, store, args.modality, batch_size=args.batch_size, num_workers=args.workers,
-                            max_pixels=args.max_pixels, strict=args.strict, progress=progress(args))
+    with engine_scope(args) as engine:
+        summary = embed_dataset(encoder, ds, store, args.modality, batch_size=args.batch_size,
+                                num_workers=args.workers, max_pixels=args.max_pixels, strict=args.strict,
+                                progress=progress(args), engine=engine)
     results = summary.pop("results")
     summary.update(split=args.split, run_dir=str(out_dir))
     metrics = {k: summary[k] for k in ("items", "encoded", "cached", "items_per_s")}
     metrics["skipped"] = len(summary["skipped"])
     run = RunResult("embed", metrics, {"seconds": round(sum(r.seconds for r in results), 3)},
                     {"encoder": encoder.spec, "modality": args.modality, "split": args.split,
-                     "batch_size": args.batch_size, "strict": args.strict},
+                     "batch_size": args.batch_size, "strict": args.strict, "engine": summary["engine"]},
                     data_provenance(ds), primary="encoded", extra={"summary": summary}, skipped=summary["skipped"])
     write_run(run, out_dir)
     if not args.json:

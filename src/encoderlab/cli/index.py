@@ -13,10 +13,13 @@ from .options import (
     add_common,
     add_data_options,
     add_device_options,
+    add_engine_options,
     add_max_pixels_option,
     add_parser,
     add_store_option,
+    check_engine_options,
     check_spec,
+    engine_scope,
     examples,
     int_at_least,
     load_data,
@@ -85,6 +88,7 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace an index already in --out")
     add_store_option(p)
     add_device_options(p)
+    add_engine_options(p)
     add_max_pixels_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_data_options(p)
@@ -108,6 +112,7 @@ def register(sub: Any) -> None:
     add_store_option(p)
     add_device_options(p)
     p.set_defaults(precision=None)  # the precision the index was built at (another changes the fingerprint)
+    add_engine_options(p)
     add_max_pixels_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_data_options(p)
@@ -146,6 +151,7 @@ def cmd_index_build(args: argparse.Namespace) -> dict[str, Any]:
 
     check_spec(args.encoder)
     from pathlib import Path
+    check_engine_options(args)
 
     check_out(Path(args.out).expanduser(), args.force)  # before the data is read and the model loaded
     store = open_store(args)
@@ -154,9 +160,11 @@ def cmd_index_build(args: argparse.Namespace) -> dict[str, Any]:
     modality = args.modality
     if modality == "auto":
         modality = "image" if ds.has_images and "image" in encoder.modalities else "text"
-    doc, col = index_dataset(encoder, ds, store, args.out, modality=modality, split=args.split, kind=args.kind,
-                             memory=args.memory, recall_target=args.recall_target, refine=args.refine,
-                             seed=args.seed, force=args.force, progress=progress(args), max_pixels=args.max_pixels)
+    with engine_scope(args) as engine:
+        doc, col = index_dataset(encoder, ds, store, args.out, modality=modality, split=args.split,
+                                 kind=args.kind, memory=args.memory, recall_target=args.recall_target,
+                                 refine=args.refine, seed=args.seed, force=args.force, progress=progress(args),
+                                 max_pixels=args.max_pixels, engine=engine)
     doc = {**doc, "index": str(Path(args.out).expanduser()), "skipped": col.skipped}
     if not args.json:
         say(summary_table(doc))
@@ -221,6 +229,7 @@ def cmd_index_add(args: argparse.Namespace) -> dict[str, Any]:
     from ..retrieval.collection import add_dataset
     from ..retrieval.search import load_index_encoder
 
+    check_engine_options(args)
     path = Path(args.index).expanduser()
     doc = read_meta(path)
     if args.encoder:
@@ -228,8 +237,9 @@ def cmd_index_add(args: argparse.Namespace) -> dict[str, Any]:
     store = open_store(args)
     ds = load_data(args)
     encoder = load_index_encoder(doc, path, spec=args.encoder, device=args.device, precision=args.precision)
-    doc, summary = add_dataset(path, encoder, ds, store, split=args.split, progress=progress(args),
-                               max_pixels=args.max_pixels)
+    with engine_scope(args) as engine:
+        doc, summary = add_dataset(path, encoder, ds, store, split=args.split, progress=progress(args),
+                                   max_pixels=args.max_pixels, engine=engine)
     if not args.json:
         say(f"added {summary['added']} items to {path}; skipped {summary['already_present']} already in the index"
             f" and {summary['duplicates']} repeated contents; now {summary['count']} items")

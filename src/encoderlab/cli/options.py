@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,41 @@ def add_max_pixels_option(p: argparse.ArgumentParser) -> None:
                    help="refuse images with more than N pixels, read from the header before decoding (a "
                         "decompression-bomb guard); 'none' switches the guard off (default: $ENCODERLAB_MAX_PIXELS, "
                         "else 64000000)")
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """``--engine local|ray`` and where the Ray cluster is: the same command in this process or on a cluster."""
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="where hashing and encoding run: local (this process, default) or ray (a Ray cluster: "
+                        "--ray-address, else a local one is started); same store, same results")
+    p.add_argument("--ray-address",
+                   help="join this Ray cluster (auto, HOST:6379, ray://HOST:10001); needs --engine ray")
+    p.add_argument("--ray-workers", type=positive_int,
+                   help="encoder actors, one model load each (default: one per GPU, else one per machine's CPUs)")
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    """Ray options without ``--engine ray`` fail before any data is read or model loaded."""
+    if getattr(args, "engine", "local") == "local" and (getattr(args, "ray_address", None)
+                                                        or getattr(args, "ray_workers", None)):
+        raise EncoderlabError("--ray-address / --ray-workers only apply to --engine ray",
+                              "add --engine ray, or drop them")
+
+
+@contextlib.contextmanager
+def engine_scope(args: argparse.Namespace) -> Iterator[Any]:
+    """The engine ``--engine`` names (None for local), shut down (a local Ray cluster stopped) when the block ends."""
+    check_engine_options(args)
+    if getattr(args, "engine", "local") == "local":
+        yield None
+        return
+    from ..extract.ray_engine import open_engine
+
+    engine = open_engine("ray", address=args.ray_address, workers=args.ray_workers)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -203,14 +204,18 @@ class PairScores:
 
 def score_pairs(encoder: Encoder, dataset: Dataset, store: EmbeddingStore, *, chunk_size: int = CHUNK_PAIRS,
                 cache: bool = True, progress: bool = True, batch_size: int | None = None,
-                max_pixels: int | None = None) -> PairScores:
+                max_pixels: int | None = None, engine: Any = None) -> PairScores:
     """Score every (image, caption) pair of ``dataset``: embeddings from the store (extracting what it lacks, once),
-    scores from the score cache where present, else the cosine of the normalized embeddings (then cached)."""
+    scores from the score cache where present, else the cosine of the normalized embeddings (then cached).
+
+    ``engine``: where the embedding and the scoring run (None: this process; a ``RayEngine``: Ray workers).
+    """
     check_dual(encoder)
     check_captions(dataset)
     t0 = time.perf_counter()
-    img = extract_images(encoder, dataset, store, batch_size=batch_size, max_pixels=max_pixels, progress=progress)
-    extract_texts(encoder, dataset, store, batch_size=batch_size, progress=progress)
+    img = extract_images(encoder, dataset, store, batch_size=batch_size, max_pixels=max_pixels, progress=progress,
+                         engine=engine)
+    extract_texts(encoder, dataset, store, batch_size=batch_size, progress=progress, engine=engine)
     extract_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     pairs = pair_table(dataset, img.keys)
@@ -222,8 +227,9 @@ def score_pairs(encoder: Encoder, dataset: Dataset, store: EmbeddingStore, *, ch
     got = memo.lookup(ik, tk) if memo is not None else np.full(len(ik), np.nan, np.float32)
     todo = np.flatnonzero(np.isnan(got))
     if len(todo):
-        fresh = cosine_scores(img_space, txt_space, [ik[i] for i in todo], [tk[i] for i in todo],
-                              chunk_size=chunk_size, progress=progress)
+        score = engine.cosine_scores if engine is not None else cosine_scores
+        fresh = score(img_space, txt_space, [ik[i] for i in todo], [tk[i] for i in todo],
+                      chunk_size=chunk_size, progress=progress)
         got[todo] = fresh
         if memo is not None:
             memo.add([ik[i] for i in todo], [tk[i] for i in todo], fresh)

@@ -124,8 +124,11 @@ def decide(pairs: pd.DataFrame, cfg: FilterConfig, *, unreadable: dict[str, str]
 
 def filter_dataset(encoder: Encoder, dataset: Dataset, store: EmbeddingStore, config: FilterConfig | None = None, *,
                    split: str | None = "train", progress: bool = True, batch_size: int | None = None,
-                   max_pixels: int | None = None, cache: bool = True) -> FilterResult:
-    """Score and filter the pairs of ``split`` (None or "all": every row); other splits pass through untouched."""
+                   max_pixels: int | None = None, cache: bool = True, engine: Any = None) -> FilterResult:
+    """Score and filter the pairs of ``split`` (None or "all": every row); other splits pass through untouched.
+
+    ``engine``: where embedding and scoring run (None: this process; ``RayEngine``: a Ray cluster).
+    """
     cfg = config or FilterConfig()
     cfg.check()
     check_dual(encoder)
@@ -142,7 +145,7 @@ def filter_dataset(encoder: Encoder, dataset: Dataset, store: EmbeddingStore, co
     check_captions(scope)
     t0 = time.perf_counter()
     scores = score_pairs(encoder, scope, store, progress=progress, batch_size=batch_size, max_pixels=max_pixels,
-                         cache=cache)
+                         cache=cache, engine=engine)
     pairs = scores.pairs
     stats, t1 = None, time.perf_counter()
     if cfg.needs_header:

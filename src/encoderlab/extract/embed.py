@@ -61,12 +61,14 @@ def embed_dataset(
     strict: bool = False,
     progress: bool = True,
     commit_seconds: float | None = None,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Embed ``dataset`` into ``store``; returns a JSON-able summary (counts, skips with reasons, speed).
 
     ``commit_seconds``: a shard is committed at least this often (None: ``$ENCODERLAB_COMMIT_SECONDS`` or 30 s),
     so an interrupted run loses at most that much work.
     ``strict`` fails on the first unusable file, before any encoding when the listing already skipped some.
+    ``engine``: where hashing and encoding run (None: this process; see ``extract.ray_engine``).
     ``summary["results"]`` holds the per-modality ``ExtractResult`` objects (not JSON; dropped by ``to_json``).
     """
     if strict:
@@ -77,11 +79,13 @@ def embed_dataset(
         if m == "image":
             results.append(extract_images(encoder, dataset, store, batch_size=batch_size, num_workers=num_workers,
                                           max_pixels=max_pixels, progress=progress, strict=strict,
-                                          commit_seconds=commit_seconds))
+                                          commit_seconds=commit_seconds, engine=engine))
         else:
             results.append(extract_texts(encoder, dataset, store, batch_size=batch_size, progress=progress,
-                                         commit_seconds=commit_seconds))
-    return embed_summary(encoder, dataset, store, results)
+                                         commit_seconds=commit_seconds, engine=engine))
+    summary = embed_summary(encoder, dataset, store, results)
+    summary["engine"] = engine.summary() if engine is not None else {"engine": "local"}
+    return summary
 
 
 def embed_summary(encoder: Encoder, dataset: Dataset, store: EmbeddingStore,

@@ -203,6 +203,93 @@ def _hash_images(
     return [k for k, _ in results], [s for _, s in results if s]
 
 
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images are encoded once it is known which: the same for every engine (and sent to Ray workers)."""
+
+    batch_size: int
+    num_workers: int | None = None
+    max_pixels: int | None = None
+    shard_size: int = 4096
+    commit_seconds: float | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    batch_size: int
+    shard_size: int = 4096
+    commit_seconds: float | None = None
+
+
+def encode_image_items(encoder: Encoder, space: EmbeddingSpace, items: Sequence[tuple[str, str]],
+                       options: ImageOptions, bar: Any = None) -> tuple[int, list[dict[str, str]]]:
+    """Decode, encode and commit ``(key, path)`` items into ``space``; returns (rows encoded, skips).
+
+    Each skip is ``{"path", "reason", "key"}`` (the key tells the caller which content failed). The writer commits
+    a shard every ``shard_size`` rows or ``commit_seconds``, and what was computed is kept when this raises.
+    """
+    workers = default_num_workers(encoder.device) if options.num_workers is None else options.num_workers
+    decode = _DecodeDataset(list(items), encoder.image_transform(), options.max_pixels)
+    if workers > 0:
+        loader: Any = torch.utils.data.DataLoader(decode, batch_size=options.batch_size, shuffle=False,
+                                                  num_workers=workers, collate_fn=_collate, prefetch_factor=2,
+                                                  pin_memory=encoder.device.type == "cuda")
+    else:
+        loader = _threaded_batches(decode, options.batch_size)
+    encoded, skipped = 0, []
+    with space.writer(shard_size=options.shard_size, commit_seconds=options.commit_seconds) as writer:
+        for batch_keys, pixels, bad in loader:
+            for key, b in bad:
+                if options.strict:
+                    _raise_strict([b])
+                skipped.append({**b, "key": key})
+            if pixels is not None:
+                emb = encode_with_backoff(encoder.encode_pixels, pixels)
+                writer.add(batch_keys, emb.numpy().astype(np.float32, copy=False))
+                encoded += len(batch_keys)
+            if bar is not None:
+                bar.update(len(batch_keys) + len(bad))
+    return encoded, skipped
+
+
+def encode_text_items(encoder: Encoder, space: EmbeddingSpace, texts: Sequence[str], options: TextOptions,
+                      bar: Any = None) -> int:
+    """Encode and commit ``texts`` (keyed by ``text_key``) into ``space`` in batches; returns rows encoded."""
+    encoded = 0
+    with space.writer(shard_size=options.shard_size, commit_seconds=options.commit_seconds) as writer:
+        for start in range(0, len(texts), options.batch_size):
+            chunk = list(texts[start : start + options.batch_size])
+            emb = encode_with_backoff(lambda b: encoder.encode_texts(b, batch_size=len(b)), chunk)
+            writer.add([text_key(t) for t in chunk], emb.numpy().astype(np.float32, copy=False))
+            encoded += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    return encoded
+
+
+class LocalEngine:
+    """Hashing and encoding in this process (decode on threads or DataLoader workers): the default engine."""
+
+    name = "local"
+
+    def hash_images(self, paths: Sequence[str | None], progress: bool):
+        return _hash_images(paths, progress)
+
+    def encode_images(self, encoder: Encoder, space: EmbeddingSpace, items: Sequence[tuple[str, str]],
+                      options: ImageOptions, progress: bool) -> tuple[int, list[dict[str, str]]]:
+        with progress_bar(len(items), "img", progress) as bar:
+            return encode_image_items(encoder, space, items, options, bar)
+
+    def encode_texts(self, encoder: Encoder, space: EmbeddingSpace, texts: Sequence[str], options: TextOptions,
+                     progress: bool) -> int:
+        with progress_bar(len(texts), "text", progress) as bar:
+            return encode_text_items(encoder, space, texts, options, bar)
+
+
+LOCAL = LocalEngine()
+
+
 def extract_images(
     encoder: Encoder,
     dataset: Dataset,
@@ -215,22 +302,28 @@ def extract_images(
     commit_seconds: float | None = None,
     progress: bool = True,
     strict: bool = False,
+    engine: Any = None,
 ) -> ExtractResult:
-    """Embed every image of ``dataset`` that the store lacks; returns counts, skips and per-row keys."""
+    """Embed every image of ``dataset`` that the store lacks; returns counts, skips and per-row keys.
+
+    ``engine``: where hashing and encoding run (None: this process; ``RayEngine``: a Ray cluster). Everything else
+    (what is missing, which rows share a content, the result) is decided here, the same for every engine.
+    """
     encoder.check_modality("image")
+    engine = engine or LOCAL
     t0 = time.perf_counter()
     source = encoder.feature_source("image")
     if source is not None:
         base = extract_images(source.base, dataset, store, batch_size=batch_size, num_workers=num_workers,
                               max_pixels=max_pixels, shard_size=shard_size, commit_seconds=commit_seconds,
-                              progress=progress, strict=strict)
+                              progress=progress, strict=strict, engine=engine)
         return _derive(encoder, "image", source, base, store, shard_size, t0, commit_seconds=commit_seconds)
     space = space_for(store, encoder, "image")
     paths = list(dataset.table["image"])
     if all(p is None for p in paths):
         raise EncoderlabError(f"dataset {dataset.source!r} has no images (no image column, or none was usable)",
                               "use a dataset with images for this step, or embed its texts instead")
-    keys, skipped = _hash_images(paths, progress and len(paths) >= 10_000)
+    keys, skipped = engine.hash_images(paths, progress and len(paths) >= 10_000)
     wanted = list(dict.fromkeys(k for k in keys if k is not None))
     missing, repaired = still_missing(space, wanted)
     todo = set(missing)
@@ -245,37 +338,14 @@ def extract_images(
     if strict and skipped:
         _raise_strict(skipped)
     if items:
-        bs = batch_size or default_batch_size(encoder, "image")
-        workers = default_num_workers(encoder.device) if num_workers is None else num_workers
-        decode = _DecodeDataset(items, encoder.image_transform(), max_pixels)
-        if workers > 0:
-            loader = torch.utils.data.DataLoader(
-                decode,
-                batch_size=bs,
-                shuffle=False,
-                num_workers=workers,
-                collate_fn=_collate,
-                pin_memory=encoder.device.type == "cuda",
-                prefetch_factor=2,
-            )
-        else:
-            loader = _threaded_batches(decode, bs)
-        failed: set[str] = set()
-        with (
-            space.writer(shard_size=shard_size, commit_seconds=commit_seconds) as writer,
-            progress_bar(len(items), "img", progress) as bar,
-        ):
-            for batch_keys, pixels, bad in loader:
-                for key, b in bad:
-                    if strict:
-                        _raise_strict([b])
-                    result.skipped.append(b)
-                    failed.add(key)
-                if pixels is not None:
-                    emb = encode_with_backoff(encoder.encode_pixels, pixels)
-                    writer.add(batch_keys, emb.numpy().astype(np.float32, copy=False))
-                    result.encoded += len(batch_keys)
-                bar.update(len(batch_keys) + len(bad))
+        options = ImageOptions(batch_size or default_batch_size(encoder, "image"), num_workers, max_pixels,
+                               shard_size, commit_seconds, strict)
+        encoded, bad = engine.encode_images(encoder, space, items, options, progress)
+        result.encoded = encoded
+        result.skipped.extend(bad)
+        failed = {b["key"] for b in bad}
+        for b in bad:
+            del b["key"]
         # Rows whose content failed to decode get no key, so nothing downstream reads a missing embedding.
         keys = [None if k in failed else k for k in keys]
     result.keys = keys
@@ -295,17 +365,20 @@ def extract_texts(
     shard_size: int = 4096,
     commit_seconds: float | None = None,
     progress: bool = True,
+    engine: Any = None,
 ) -> ExtractResult:
     """Embed every distinct text (all captions of all rows) that the store lacks.
 
     ``keys[i]`` is the key of row i's *first* text; ``text_keys`` of all captions come from ``hashing.text_key``.
+    ``engine``: where the encoding runs (None: this process), as for ``extract_images``.
     """
     encoder.check_modality("text")
+    engine = engine or LOCAL
     t0 = time.perf_counter()
     source = encoder.feature_source("text")
     if source is not None:
         base = extract_texts(source.base, dataset, store, batch_size=batch_size, shard_size=shard_size,
-                             commit_seconds=commit_seconds, progress=progress)
+                             commit_seconds=commit_seconds, progress=progress, engine=engine)
         if isinstance(dataset, Dataset):
             per_row = [list(t) if t is not None else [] for t in dataset.table["texts"]]
         else:
@@ -328,18 +401,9 @@ def extract_texts(
     result = ExtractResult("text", sum(1 for r in per_row if r), 0, len(distinct) - len(texts), [],
                            fingerprint=space.fingerprint, repaired=repaired)
     if texts:
-        bs = batch_size or default_batch_size(encoder, "text")
         texts.sort(key=len)  # similar lengths per batch: least padding
-        with (
-            space.writer(shard_size=shard_size, commit_seconds=commit_seconds) as writer,
-            progress_bar(len(texts), "text", progress) as bar,
-        ):
-            for start in range(0, len(texts), bs):
-                chunk = texts[start : start + bs]
-                emb = encode_with_backoff(lambda b: encoder.encode_texts(b, batch_size=len(b)), chunk)
-                writer.add([key_of[t] for t in chunk], emb.numpy().astype(np.float32, copy=False))
-                result.encoded += len(chunk)
-                bar.update(len(chunk))
+        options = TextOptions(batch_size or default_batch_size(encoder, "text"), shard_size, commit_seconds)
+        result.encoded = engine.encode_texts(encoder, space, texts, options, progress)
     result.keys = [key_of[r[0]] if r else None for r in per_row]
     result.seconds = time.perf_counter() - t0
     return result

@@ -41,8 +41,11 @@ class Collection:
 
 
 def collect(encoder: Encoder, dataset: Dataset, store: EmbeddingStore, modality: str, *, progress: bool = True,
-            max_pixels: int | None = None, batch_size: int | None = None) -> Collection:
-    """Embed ``dataset``'s ``modality`` into ``store`` (only what is missing) and list one item per distinct key."""
+            max_pixels: int | None = None, batch_size: int | None = None, engine: Any = None) -> Collection:
+    """Embed ``dataset``'s ``modality`` into ``store`` (only what is missing) and list one item per distinct key.
+
+    ``engine``: where the embedding runs (None: this process; ``extract.ray_engine.RayEngine``: a Ray cluster).
+    """
     encoder.check_modality(modality)
     # dataset metadata columns named like an item column keep their values under a ``meta_`` prefix
     t = dataset.table.rename(columns={c: f"meta_{c}" for c in dataset.metadata_columns() if c in ITEM_COLUMNS})
@@ -50,7 +53,7 @@ def collect(encoder: Encoder, dataset: Dataset, store: EmbeddingStore, modality:
         if not dataset.has_images:
             raise EncoderlabError(f"dataset {dataset.source!r} has no images", "index its texts (--modality text)")
         result = extract_images(encoder, dataset, store, progress=progress, max_pixels=max_pixels,
-                                batch_size=batch_size)
+                                batch_size=batch_size, engine=engine)
         keys = pd.Series(result.keys, dtype=object)
         rows = t.assign(key=keys, text=[c[0] if len(c) else None for c in t["texts"]], captions=t["texts"])
         without = int(t["image"].isna().sum())
@@ -58,7 +61,7 @@ def collect(encoder: Encoder, dataset: Dataset, store: EmbeddingStore, modality:
     elif modality == "text":
         if not dataset.has_texts:
             raise EncoderlabError(f"dataset {dataset.source!r} has no captions", "index its images (--modality image)")
-        extract_texts(encoder, dataset, store, progress=progress, batch_size=batch_size)
+        extract_texts(encoder, dataset, store, progress=progress, batch_size=batch_size, engine=engine)
         flat = t.assign(captions=t["texts"]).explode("texts").dropna(subset=["texts"]).rename(columns={"texts": "text"})
         rows = flat.assign(key=[text_key(x) for x in flat["text"]])
         without = int((t["texts"].map(len) == 0).sum())
@@ -90,12 +93,12 @@ def index_dataset(encoder: Encoder, dataset: Dataset, store: EmbeddingStore, out
                   modality: str = "image", split: str | None = None, kind: str = "auto",
                   memory: int | str = DEFAULT_MEMORY, recall_target: float = DEFAULT_RECALL_TARGET,
                   refine: str | None = None, seed: int = 0, force: bool = False, progress: bool = True,
-                  max_pixels: int | None = None) -> tuple[dict[str, Any], Collection]:
+                  max_pixels: int | None = None, engine: Any = None) -> tuple[dict[str, Any], Collection]:
     """Embed (what is missing) and index one dataset; returns ``(index.json document, collection)``."""
     from .build import check_out
 
     check_out(Path(out).expanduser(), force)  # before any encoding
-    col = collect(encoder, dataset, store, modality, progress=progress, max_pixels=max_pixels)
+    col = collect(encoder, dataset, store, modality, progress=progress, max_pixels=max_pixels, engine=engine)
     if not len(col.items):
         raise EncoderlabError(f"no usable {modality} in {dataset.source!r} ({len(col.skipped)} skipped)",
                               "check the files with `encoderlab data inspect --decode`")
@@ -108,7 +111,7 @@ def index_dataset(encoder: Encoder, dataset: Dataset, store: EmbeddingStore, out
 
 def add_dataset(path: str | os.PathLike, encoder: Encoder, dataset: Dataset, store: EmbeddingStore, *,
                 split: str | None = None, progress: bool = True,
-                max_pixels: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                max_pixels: int | None = None, engine: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Append ``dataset``'s items that the index lacks (by store key); returns ``(index.json, summary)``.
 
     The encoder must be the index's (``search.check_fingerprint``); items already present are skipped and counted.
@@ -121,7 +124,7 @@ def add_dataset(path: str | os.PathLike, encoder: Encoder, dataset: Dataset, sto
     modality = doc.get("modality")
     if modality not in ("image", "text"):
         raise EncoderlabError(f"index {out} was built from vectors, not a dataset", "rebuild it from a dataset")
-    col = collect(encoder, dataset, store, modality, progress=progress, max_pixels=max_pixels)
+    col = collect(encoder, dataset, store, modality, progress=progress, max_pixels=max_pixels, engine=engine)
     present = ItemTable.read(out / ITEMS_NAME).find_keys(col.items["key"].tolist()) >= 0
     new = col.items[~present].reset_index(drop=True)
     source = StoreVectors(col.source.space, new["key"].tolist())
