@@ -237,3 +237,16 @@ def test_a_killed_driver_leaves_only_whole_shards_and_the_rerun_encodes_only_wha
     assert again.cached == committed and again.encoded == N_IMAGES - committed
     after = space_for(EmbeddingStore(store_dir), enc, "image")
     assert len(after) == N_IMAGES and after.verify() == []
+
+
+def test_on_several_nodes_the_encoder_actors_hash_the_files(engine, pairs_spec, tiny_clip_dir, tmp_path,
+                                                           monkeypatch):
+    from encoderlab.extract.loop import _hash_images
+
+    enc = create_encoder(f"hf:{tiny_clip_dir}", device="cpu")
+    paths = list(load_dataset(pairs_spec).table["image"]) + [str(tmp_path / "gone.png")]
+    monkeypatch.setitem(engine.info, "nodes", 2)  # what a multi-node cluster reports: hashing leaves the driver
+    monkeypatch.setattr("encoderlab.extract.ray_engine.HASH_BLOCK", 50)
+    got = engine.hash_images(paths, False, encoder=enc)
+    assert got == _hash_images(paths, False)
+    assert got[1][-1] == {"path": str(tmp_path / "gone.png"), "reason": "missing"}

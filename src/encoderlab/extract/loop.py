@@ -273,7 +273,7 @@ class LocalEngine:
 
     name = "local"
 
-    def hash_images(self, paths: Sequence[str | None], progress: bool):
+    def hash_images(self, paths: Sequence[str | None], progress: bool, encoder: Encoder | None = None):
         return _hash_images(paths, progress)
 
     def encode_images(self, encoder: Encoder, space: EmbeddingSpace, items: Sequence[tuple[str, str]],
@@ -323,7 +323,7 @@ def extract_images(
     if all(p is None for p in paths):
         raise EncoderlabError(f"dataset {dataset.source!r} has no images (no image column, or none was usable)",
                               "use a dataset with images for this step, or embed its texts instead")
-    keys, skipped = engine.hash_images(paths, progress and len(paths) >= 10_000)
+    keys, skipped = engine.hash_images(paths, progress and len(paths) >= 10_000, encoder=encoder)
     wanted = list(dict.fromkeys(k for k in keys if k is not None))
     missing, repaired = still_missing(space, wanted)
     todo = set(missing)

@@ -116,6 +116,9 @@ class _EncoderWorker:
         encoded = encode_text_items(self.encoder, space, work, options, bar=self._fault_bar(space))
         return self._done(block, len(texts), len(work), encoded, [])
 
+    def hash(self, paths: list[str | None]) -> tuple[list[str | None], list[dict[str, str]]]:
+        return _hash_block(paths)
+
     def _done(self, block: int, n: int, n_work: int, encoded: int, skipped: list) -> dict[str, Any]:
         # rows an earlier attempt at this block committed before its actor died count as encoded by this run
         return {"block": block, "encoded": encoded + (n - n_work), "resumed": n - n_work, "skipped": skipped,
@@ -236,20 +239,28 @@ class RayEngine:
 
     # ------------------------------------------------------------------------------------------------ hashing
 
-    def hash_images(self, paths: Sequence[str | None], progress: bool):
-        """Content keys of ``paths`` hashed by Ray tasks in blocks; results kept in path order."""
-        ray = self.ray
-        self._drop_pools()  # idle encoder actors hold the CPUs these tasks need
-        task = ray.remote(num_cpus=1, max_retries=3)(_hash_block)
+    def hash_images(self, paths: Sequence[str | None], progress: bool, encoder: Encoder | None = None):
+        """Content keys of ``paths``, in path order, with the unreadable ones reported.
+
+        With ``encoder`` its actors are started first (their model loads run while the files are hashed). On a
+        one-node cluster the driver hashes (threads: it is as close to the files as any worker, and the CPUs are
+        the booting actors'); on several nodes the encoder actors hash blocks of paths (else Ray tasks do).
+        """
+        actors = self._pool(encoder, len(paths)) if encoder is not None else []
+        if self.info.get("nodes", 1) <= 1:
+            return _hash_images(paths, progress)
         blocks = [list(paths[i : i + HASH_BLOCK]) for i in range(0, len(paths), HASH_BLOCK)]
-        refs = [task.remote(b) for b in blocks]
+        if actors:
+            refs = [actors[i % len(actors)].hash.remote(b) for i, b in enumerate(blocks)]
+        else:
+            refs = [self.ray.remote(num_cpus=1, max_retries=3)(_hash_block).remote(b) for b in blocks]
         keys: list[str | None] = []
         skipped: list[dict[str, str]] = []
         with progress_bar(len(paths), "file", progress, "hash") as bar:
             for block, ref in zip(blocks, refs):
-                k, s = ray.get(ref)
+                k, sk = self.ray.get(ref)
                 keys.extend(k)
-                skipped.extend(s)
+                skipped.extend(sk)
                 bar.update(len(block))
         return keys, skipped
 
