@@ -78,6 +78,7 @@ class _EncoderWorker:
         torch.set_num_threads(max(1, threads))
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.encoder = create_encoder(spec, device=device, precision=precision)
+        self.threads = max(1, threads)
         self.spaces: dict[tuple[str, str], EmbeddingSpace] = {}
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
 
@@ -103,6 +104,9 @@ class _EncoderWorker:
         space = self._space(target)
         todo = set(space.missing([k for k, _ in items]))
         work = [(k, p) for k, p in items if k in todo]
+        if options.num_workers is None and self.encoder.device.type != "cpu":
+            # a GPU actor decodes in worker processes on the CPUs Ray gave it (os.cpu_count() is the node's)
+            options = dataclasses.replace(options, num_workers=max(1, self.threads - 1))
         encoded, skipped = encode_image_items(self.encoder, space, work, options, bar=self._fault_bar(space))
         return self._done(block, len(items), len(work), encoded, skipped)
 
