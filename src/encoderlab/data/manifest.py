@@ -19,6 +19,9 @@ from ..errors import EncoderlabError, close_matches
 from .splits import DEFAULT_RATIOS, carve_validation, check_ratios, hash_splits, k_shot_sample
 
 CORE_COLUMNS = ("id", "image", "texts", "label", "split")
+#: the dtype of Arrow-backed manifest text columns: pandas' ``str`` (pyarrow storage, NaN for missing)
+ARROW_STR = pd.StringDtype("pyarrow", na_value=float("nan"))
+_CHECK_ROWS = 65_536
 #: share of each class of train carved into a validation split when a source has none
 VAL_FRACTION = 0.1
 
@@ -94,8 +97,73 @@ def clean_texts(value: Any) -> list[str]:
     return [str(t) for t in items if t is not None and not (isinstance(t, float) and pd.isna(t)) and str(t).strip()]
 
 
+def is_arrow_text(column: pd.Series) -> bool:
+    """Whether a column holds Arrow-backed strings (``str`` / ``string[pyarrow]`` / ``ArrowDtype(string)``)."""
+    d = column.dtype
+    if isinstance(d, pd.StringDtype):
+        return d.storage == "pyarrow"
+    return isinstance(d, pd.ArrowDtype) and d.kind in "OSU" and pd.api.types.is_string_dtype(d)
+
+
+def _kept_arrow(column: pd.Series) -> bool:
+    """An Arrow-backed text column with every cell set and non-empty stays as it is: no Python object per cell,
+    and nothing to check (Arrow holds valid UTF-8 only). Anything else is normalised cell by cell into objects."""
+    return is_arrow_text(column) and not column.isna().any() and not column.eq("").any()
+
+
+def _duplicated_ids(ids: pd.Series) -> list[Any]:
+    if is_arrow_text(ids):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        arr = pa.array(ids)
+        if len(pc.unique(arr)) == len(arr):
+            return []  # the common case, without a hash table of Python strings
+    return ids[ids.duplicated()].unique().tolist()
+
+
+def _clean_column(column: pd.Series, lists: bool) -> pd.Series | None:
+    """The column normalised without a Python call per cell, or None when some cell needs ``clean_str`` /
+    ``clean_texts`` (or the UTF-8 check) one at a time.
+
+    Text cells: a column of only strings and None becomes objects with "" as None. Caption cells (``lists``): a
+    column of only lists of non-blank strings is already clean. Arrow checks the UTF-8 of all strings at once.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = column.to_numpy(dtype=object, na_value=None) if not lists else column.to_numpy(dtype=object)
+    kinds = set(map(type, values))
+    if lists:
+        if kinds - {list}:
+            return None
+        arrow_type = pa.large_list(pa.large_string())
+    elif kinds - {str, type(None)}:
+        return None
+    else:
+        arrow_type = pa.large_string()
+    for start in range(0, len(values), _CHECK_ROWS):  # a slice at a time: Arrow's copy stays small
+        try:
+            arr = pa.array(values[start:start + _CHECK_ROWS], type=arrow_type)
+        except (pa.ArrowException, UnicodeError, TypeError, ValueError):
+            return None  # text that is not valid UTF-8, or a cell of another kind: reported cell by cell
+        if lists:
+            flat = pc.list_flatten(arr)
+            if flat.null_count or pc.any(pc.equal(pc.utf8_trim_whitespace(flat), "")).as_py():
+                return None
+    if lists:
+        return column.astype(object)
+    values = values.copy()  # to_numpy may be a view of the caller's column
+    values[values == ""] = None
+    return pd.Series(values, index=column.index, dtype=object)
+
+
 def normalize_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Check and normalize a manifest table: core columns first, typed values, unique non-empty ids."""
+    """Check and normalize a manifest table: core columns first, typed values, unique non-empty ids.
+
+    Text columns that are Arrow-backed and have no empty cell (a large Parquet listing's ids and paths) are kept
+    Arrow-backed; other cells become Python objects (None for missing), as the rest of encoderlab expects.
+    """
     missing = [c for c in ("id", "image", "texts", "label", "split") if c not in table.columns]
     if missing:
         raise EncoderlabError(
@@ -103,7 +171,15 @@ def normalize_table(table: pd.DataFrame) -> pd.DataFrame:
             f"a manifest needs exactly {list(CORE_COLUMNS)} first, then metadata columns",
         )
     t = table.reset_index(drop=True).copy()
+    kept = {c for c in ("id", "image", "label", "split") if _kept_arrow(t[c])}
     for col in ("id", "image", "label", "split", "texts"):
+        if col in kept:
+            continue
+        quick = _clean_column(t[col], col == "texts")
+        if quick is not None:
+            t[col] = quick
+            kept.add(col)
+            continue
         bad = [v for v in t[col].tolist() if has_invalid_text(v)]
         if bad:
             shown = safe_text(str(bad[0]))
@@ -111,14 +187,16 @@ def normalize_table(table: pd.DataFrame) -> pd.DataFrame:
                 f"manifest column {col!r} holds {len(bad)} value(s) that are not valid UTF-8 text, e.g. {shown!r}",
                 "skip those rows (sources report them as bad-filename / bad-value) or fix the text",
             )
-    t["id"] = pd.Series([str(i) if clean_str(i) is not None else None for i in t["id"].tolist()], dtype=object)
+    if "id" not in kept:
+        t["id"] = pd.Series([str(i) if clean_str(i) is not None else None for i in t["id"].tolist()], dtype=object)
     if t["id"].isna().any():
         raise EncoderlabError(f"manifest has {int(t['id'].isna().sum())} item(s) with an empty id")
-    dupes = t["id"][t["id"].duplicated()].unique().tolist()
+    dupes = _duplicated_ids(t["id"])
     if dupes:
         raise EncoderlabError(f"manifest ids must be unique; repeated: {dupes[:5]}", "give every item its own id")
     for col, clean in (("image", clean_str), ("texts", clean_texts), ("label", clean_str), ("split", clean_str)):
-        t[col] = pd.Series([clean(v) for v in t[col].tolist()], index=t.index, dtype=object)
+        if col not in kept:
+            t[col] = pd.Series([clean(v) for v in t[col].tolist()], index=t.index, dtype=object)
     extra = [c for c in t.columns if c not in CORE_COLUMNS]
     return t[list(CORE_COLUMNS) + extra]
 

@@ -11,6 +11,11 @@ image path), where every row has its own types; in Parquet a column has one type
 int64, ``text`` as a struct) is an error naming the column, its type and what it should be. Image paths that are not
 valid UTF-8 (a Latin-1 file name; the files are read with ``surrogateescape`` so such a name still matches the file
 on disk) are skipped as ``bad-filename``; other text that is not valid UTF-8 is skipped as ``bad-value``.
+
+A Parquet file whose items are one row each is listed with Arrow compute (``list_arrow_table``): ids and image paths
+stay Arrow-backed strings, each distinct image path is checked once, and only the captions become Python lists; the
+rules above (and so the items, ids, order and skips) are the same. Files that need the per-row rules (grouped rows,
+text-only rows without ids, float or boolean role columns, nested metadata) are read a record batch at a time.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..errors import EncoderlabError, close_matches
 from ..hashing import bytes_digest
-from .manifest import CORE_COLUMNS, clean_str, clean_texts, has_invalid_text, safe_text
+from .manifest import ARROW_STR, CORE_COLUMNS, clean_str, clean_texts, has_invalid_text, safe_text
 from .sources import SourceResult, bad_filename, check_path_name, register_source
 
 ROLES = ("id", "image", "text", "label", "split")
@@ -76,17 +82,27 @@ def _read_jsonl(path: Path, skipped: list[dict[str, Any]]) -> tuple[list[str], I
     return list(cols), iter(rows)
 
 
-def _read_parquet(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]], Any]:
-    """Column names, rows and the arrow schema (checked against the roles once they are known)."""
+def _read_parquet(path: Path) -> Any:
+    """The file as an Arrow table (its string columns stay Arrow buffers, not Python objects)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
+        pa.default_memory_pool().release_unused()  # decoding buffers the allocator would otherwise keep
+        return table
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a damaged file
         raise EncoderlabError(f"cannot read parquet file {str(path)!r}: {e}",
                               "check that it is a complete Parquet file (re-export it)") from None
-    rows = ((f"{path}:row {n}", r) for n, r in enumerate(table.to_pylist()))
-    return list(table.column_names), rows, table.schema
+
+
+def _arrow_rows(path: Path, table: Any) -> Iterator[tuple[str, dict]]:
+    """The rows of an Arrow table as dicts, one record batch converted at a time (not the whole file at once)."""
+    n = 0
+    for batch in table.to_batches(max_chunksize=65_536):
+        for r in batch.to_pylist():
+            yield f"{path}:row {n}", r
+            n += 1
 
 
 def _arrow_kind(t: Any) -> str:
@@ -195,14 +211,20 @@ def read_table_source(
     elif prefix == "jsonl":
         available, rows = _read_jsonl(path, skipped)
     else:
-        available, rows, schema = _read_parquet(path)
+        arrow = _read_parquet(path)
+        available, rows = list(arrow.column_names), _arrow_rows(path, arrow)
     mapping = resolve_columns(available, columns, options, prefix, path)
     if prefix == "parquet":
-        check_parquet_types(schema, mapping, path)
+        check_parquet_types(arrow.schema, mapping, path)
     used = {c for c in mapping.values() if c is not None}
     meta_cols = [c for c in available if c not in used]
     # safe_text: a JSON key that is not valid UTF-8 must not break the table (its values are checked per row)
     meta_names = {c: safe_text(f"source_{c}" if c in CORE_COLUMNS or c == "text" else c) for c in meta_cols}
+    info = {"columns": {r: mapping[r] for r in ROLES}, "base": str(base)}
+    if prefix == "parquet":
+        listed = list_arrow_table(arrow, mapping, base, str(path), meta_names)
+        if listed is not None:
+            return SourceResult(listed[0], path.parent, listed[1], info)
 
     items: dict[str, dict[str, Any]] = {}
     exists: dict[str, str | None] = {}
@@ -230,7 +252,6 @@ def read_table_source(
 
     table = pd.DataFrame(list(items.values()), columns=["id", "image", "texts", "label", "split"]
                          + [meta_names[c] for c in meta_cols])
-    info = {"columns": {r: mapping[r] for r in ROLES}, "base": str(base)}
     return SourceResult(table, path.parent, skipped, info)
 
 
@@ -328,6 +349,204 @@ def _short(value: Any, n: int = 40) -> str:
 def _bad_text(where: str, column: str) -> dict[str, Any]:
     return {"path": where, "reason": "bad-value",
             "detail": f"column {safe_text(column)!r} holds text that is not valid UTF-8; save the file as UTF-8"}
+
+
+# ----------------------------------------------------------------------------- parquet: a vectorised listing
+
+#: a path ``os.path.normpath`` would change: "." or ".." parts, doubled or trailing slashes
+_UNNORMAL = r"(^|/)\.\.?(/|$)|//|/$"
+#: metadata column kinds the vectorised listing carries over as they are (nested values take the per-row path)
+_FLAT_KINDS = ("text", "number", "null")
+_EXISTS_CHUNK = 65_536
+
+
+def list_arrow_table(table: Any, mapping: Mapping[str, str | None], base: Path, where: str,
+                     meta_names: Mapping[str, str]) -> tuple[pd.DataFrame, list[dict[str, Any]]] | None:
+    """Manifest rows and skips of a Parquet table by Arrow compute: no Python object per cell but the captions.
+
+    The result is the per-row listing's (same items, ids, order and skips) for tables whose items are one row each;
+    None when the rules need the per-row path: rows grouped by a shared id or image, text-only rows without an id
+    (their id is a digest of the captions), a float or boolean role column, or a nested metadata column. The
+    ``id`` column, and ``image``/``label``/``split`` when no cell is empty, come back as Arrow-backed strings.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cols = _role_columns(table, mapping)
+    if cols is None or any(_arrow_kind(table.schema.field(c).type) not in _FLAT_KINDS for c in meta_names):
+        return None
+    n = table.num_rows
+    texts = _row_texts(cols["text"])
+    has_text = np.fromiter(map(bool, texts), dtype=bool, count=n)
+    image, plain = _image_paths(cols["image"], base)
+    has_image = _valid(image)
+    has_id = _valid(cols["id"])
+    if (~has_image & ~has_id & has_text).any():
+        return None
+    problem = _image_problems(image)
+    empty = ~has_image & ~has_text
+    keep = (problem == 0) & ~empty
+    ids = _item_ids(cols["id"], has_id, image, cols["image"], plain, base)
+    rows = (lambda c: c) if keep.all() else (lambda c, m=pa_mask(keep): c.filter(m))  # no copy when all kept
+    keys = rows(cols["id"] if has_id.all() else pc.if_else(has_id, cols["id"], image))
+    if len(pc.unique(keys)) != len(keys):
+        return None  # rows that share an id or an image are grouped (and checked for conflicts) per row
+    del keys, cols["text"]
+    pa.default_memory_pool().release_unused()  # the allocator keeps freed pages otherwise
+    frame = pd.DataFrame({"id": _strings(rows(ids)), "image": _strings(rows(image)),
+                          "texts": pd.Series(texts if keep.all() else texts[keep], dtype=object),
+                          "label": _strings(rows(cols["label"])), "split": _strings(rows(cols["split"]))})
+    if meta_names:
+        meta = rows(_undictionary(table.select(list(meta_names)))).to_pandas().rename(columns=dict(meta_names))
+        frame = pd.concat([frame, meta], axis=1)
+    return frame, _arrow_skips(where, image, problem, empty)
+
+
+def _undictionary(table: Any) -> Any:
+    """Dictionary-encoded columns as plain values (as the per-row path gives them, not pandas categoricals)."""
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+    return table
+
+
+def pa_mask(values: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.bool_())
+
+
+def _valid(column: Any) -> Any:
+    return column.is_valid().to_numpy(zero_copy_only=False)
+
+
+def _role_columns(table: Any, mapping: Mapping[str, str | None]) -> dict[str, Any] | None:
+    """Each role as an Arrow string column, empty cells null (label and split trimmed); None: per-row path."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out: dict[str, Any] = {}
+    for role in ROLES:
+        col = mapping[role]
+        if col is None:
+            out[role] = pa.chunked_array([pa.nulls(table.num_rows, pa.large_string())])
+            continue
+        arr, t = table.column(col), table.schema.field(col).type
+        if pa.types.is_null(t) or (pa.types.is_integer(t) and role in ("id", "label", "split")):
+            arr = arr.cast(pa.large_string())  # str(int) is what the per-row path makes of a number
+        elif role == "text" and _arrow_kind(t) == "list-of-text" and not pa.types.is_dictionary(t.value_type):
+            out[role] = arr
+            continue
+        elif _arrow_kind(t) != "text":
+            return None
+        elif role == "text":
+            out[role] = arr  # only read cell by cell into captions: no copy
+            continue
+        arr = arr.cast(pa.large_string())
+        if role in ("label", "split"):
+            arr = pc.utf8_trim_whitespace(arr)
+        if pc.any(pc.equal(arr, "")).as_py():
+            arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.large_string()), arr)
+        out[role] = arr
+    return out
+
+
+def _row_texts(column: Any) -> np.ndarray:
+    """Each row's captions as the per-row path makes them (non-blank, each once), a batch at a time."""
+    out = np.empty(len(column), dtype=object)
+    at = 0
+    for chunk in column.chunks:
+        for start in range(0, len(chunk), _EXISTS_CHUNK):
+            values = chunk.slice(start, _EXISTS_CHUNK).to_pylist()
+            if _arrow_kind(chunk.type) in ("text", "null"):
+                lists = [[v] if v is not None and v.strip() else [] for v in values]
+            else:
+                lists = [list(dict.fromkeys(t for t in v if t is not None and t.strip())) if v else []
+                         for v in values]
+            out[at:at + len(lists)] = np.fromiter(lists, dtype=object, count=len(lists))
+            at += len(lists)
+    return out
+
+
+def _image_paths(rel: Any, base: Path) -> tuple[Any, Any]:
+    """(normalised absolute image paths, a mask of the relative cells that needed no normalising)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    root = os.path.normpath(str(base))
+    is_abs = pc.starts_with(rel, "/")
+    odd = pc.fill_null(pc.match_substring_regex(rel, _UNNORMAL), False)
+    joined = pc.binary_join_element_wise(pa.scalar(root.rstrip("/") + "/", pa.large_string()), rel,
+                                         pa.scalar("", pa.large_string()))
+    image = pc.if_else(is_abs, rel, joined)
+    plain = ~(pc.fill_null(is_abs, False).to_numpy(zero_copy_only=False) | odd.to_numpy(zero_copy_only=False))
+    fix = odd.to_numpy(zero_copy_only=False)
+    if fix.any():
+        idx = np.flatnonzero(fix)
+        new = [os.path.normpath(r if os.path.isabs(r) else os.path.join(base, r)) for r in rel.take(idx).to_pylist()]
+        image = pc.replace_with_mask(image.combine_chunks(), pa_mask(fix), pa.array(new, pa.large_string()))
+    return pa.chunked_array([image]) if not isinstance(image, pa.ChunkedArray) else image, plain
+
+
+def _image_problems(image: Any) -> Any:
+    """Per row 0 (a file, or no image), 1 missing, 2 a directory: each distinct path is checked once."""
+    import pyarrow.compute as pc
+
+    uniq = pc.unique(image.drop_null())
+    codes = np.zeros(len(uniq), dtype=np.int8)
+    for start in range(0, len(uniq), _EXISTS_CHUNK):
+        for i, p in enumerate(uniq.slice(start, _EXISTS_CHUNK).to_pylist(), start):
+            if not os.path.isfile(p):
+                codes[i] = 2 if os.path.isdir(p) else 1
+    at = pc.index_in(image, value_set=uniq).to_numpy(zero_copy_only=False)
+    out = np.zeros(len(at), dtype=np.int8)
+    ok = ~np.isnan(at) if at.dtype.kind == "f" else np.ones(len(at), dtype=bool)
+    out[ok] = codes[at[ok].astype(np.int64)]
+    return out
+
+
+def _item_ids(raw: Any, has_id: Any, image: Any, rel: Any, plain: Any, base: Path) -> Any:
+    """The id cell, else the image path relative to ``base`` (the absolute path when it lies outside): the cell
+    itself when it was a plain relative path."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if has_id.all():
+        return raw
+    ids = pc.if_else(pa_mask(has_id), raw, rel).combine_chunks()
+    odd = ~has_id & _valid(image) & ~plain
+    if odd.any():
+        new = []
+        for p in image.take(np.flatnonzero(odd)).to_pylist():
+            r = os.path.relpath(p, base)
+            new.append(Path(r).as_posix() if not r.startswith("..") else p)
+        ids = pc.replace_with_mask(ids, pa_mask(odd), pa.array(new, pa.large_string()))
+    return pa.chunked_array([ids]) if not isinstance(ids, pa.ChunkedArray) else ids
+
+
+def _strings(column: Any) -> pd.Series:
+    """An Arrow string column as pandas: Arrow-backed when every cell is set, else objects with None."""
+    import pyarrow as pa
+
+    if column.null_count == 0:
+        return column.to_pandas(types_mapper=lambda t: ARROW_STR if pa.types.is_large_string(t) else None)
+    return pd.Series(column.to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _arrow_skips(where: str, image: Any, problem: Any, empty: Any) -> list[dict[str, Any]]:
+    """The skip entries of missing / directory images and empty rows, in row order."""
+    out: list[dict[str, Any]] = []
+    bad = np.flatnonzero((problem > 0) | empty)
+    paths = image.take(bad).to_pylist() if len(bad) else []
+    for i, p in zip(bad.tolist(), paths):
+        if empty[i]:
+            out.append({"path": f"{where}:row {i}", "reason": "empty-row", "detail": "no image and no text"})
+        else:
+            reason = "missing" if problem[i] == 1 else "is-a-directory"
+            out.append({"path": p, "reason": reason, "detail": f"row {where}:row {i}"})
+    return out
 
 
 def _make_loader(prefix: str):
