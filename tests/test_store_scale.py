@@ -81,3 +81,23 @@ def test_key_index_is_numpy_arrays_of_a_few_bytes_per_key(store):
     per_key = sum(seg.keys.nbytes + seg.hashes.nbytes + seg.positions.nbytes for seg in idx.segments) / N
     assert per_key <= len(keys[0]) + 16 + 2, per_key  # key bytes + 8-byte hash + 8-byte position
     assert peak < 4 * 64 * N, f"opening the key index traced {peak / 2**20:.1f} MB"
+
+
+def test_a_scan_keeps_at_most_open_bytes_of_shards_mapped(tmp_path, monkeypatch):
+    """The pages a memory map has touched stay in RSS until it is closed: a scan over a store bigger than
+    ``OPEN_BYTES`` must close maps as it goes (RSS flat in the store's size), and still read every row right."""
+    from encoderlab.store import space as space_mod
+
+    monkeypatch.setattr(space_mod, "OPEN_BYTES", 1 << 20)  # 1 MiB: 4 of the 8 shards
+    rng = np.random.default_rng(0)
+    space = EmbeddingStore(tmp_path / "s").space("scan")
+    X = rng.standard_normal((8192, 64)).astype(np.float32)
+    with space.writer(shard_size=1024) as w:  # 1024 x 64 x 4 B = 256 KiB a shard, 8 shards: 2 MiB in all
+        w.add([f"k{i}" for i in range(len(X))], X)
+    assert len(space.shard_records()) == 8 and space_mod.OPEN_BYTES < X.nbytes
+    peak = 0
+    for start in range(0, len(X), 512):
+        got = space.get([f"k{i}" for i in range(start, start + 512)])
+        np.testing.assert_array_equal(got, X[start : start + 512])
+        peak = max(peak, sum(m.nbytes for m in space._maps.values()))
+    assert peak <= space_mod.OPEN_BYTES

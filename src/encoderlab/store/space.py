@@ -42,6 +42,10 @@ from .writer import ShardWriter
 # The consolidated index is rewritten once this many rows (and a quarter of the cached rows) are uncached.
 PERSIST_MIN_ROWS = 50_000
 OPEN_SHARDS = 256  # memory maps kept open per space (each holds a file descriptor)
+# ... and at most this many bytes of them: the pages a mapping has touched count in the process's RSS until it is
+# closed, so a scan over a store larger than this keeps a flat RSS instead of one that grows with the store
+# (re-opening a map is a syscall; its pages come back from the page cache, and the checksum is not redone).
+OPEN_BYTES = 512 * 1024 * 1024
 
 # Shards whose checksum this process has verified, keyed by identity and promise, shared by all spaces.
 _VERIFIED: set[tuple[str, int, int, int, str]] = set()
@@ -376,8 +380,9 @@ class EmbeddingSpace:
             raise self._removed(path) from None
         with self._lock:
             self._maps[rec.name] = mm
-            while len(self._maps) > OPEN_SHARDS:
-                self._maps.popitem(last=False)
+            mapped = sum(m.nbytes for m in self._maps.values())
+            while len(self._maps) > OPEN_SHARDS or (mapped > OPEN_BYTES and len(self._maps) > 1):
+                mapped -= self._maps.popitem(last=False)[1].nbytes
         return mm
 
     def _check_once(self, rec: ShardRecord) -> tuple[str, str] | None:
