@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -199,7 +200,9 @@ class RayEngine:
             self.started = False
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            # Ray's start-up chatter (INFO/WARNING lines) would bury the command's own output; errors still show
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                      "logging_level": logging.ERROR,
                                       "runtime_env": {"env_vars": env} if env else None}
             if self.address is None:  # "local": a new cluster of our own, never another process's by accident
                 kwargs.update(num_cpus=self.num_cpus or os.cpu_count() or 1, object_store_memory=_object_store_bytes())
