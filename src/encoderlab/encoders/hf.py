@@ -22,6 +22,8 @@ from ..hashing import json_digest
 from ..normalize import normalize_rows
 from .base import Encoder, ScoreKind, inference_context, state_dict_digest
 from .hf_loading import load_config, load_image_processor, load_model, load_tokenizer, output_tensor, split_target
+from .hf_onnx import INT8_ENV, TowerRuntime, int8_wanted
+from .onnx_runtime import ENV_SWITCH, onnxruntime_wanted
 from .registry import register_prefix
 from .trainable import ModelBackedTrainable, ParameterGroups, TowerLayout, TowerModule
 
@@ -337,7 +339,14 @@ class HFDualEncoder(ModelBackedTrainable, _HFEncoder):
             self.text_max_length = self.tokenization.max_length
         self._digest_exclude = [k for k in missing if k.startswith(_POOLER_PREFIXES)]
         self._set_scores(model_type)
-        self.embed_dim = self._probe_dim()
+        # ONNX Runtime for each tower (hf_onnx), built on its first CPU fp32 batch; equal to PyTorch to ~1e-7
+        self._onnx_image, self._onnx_text = TowerRuntime("image"), TowerRuntime("text")
+        self.int8 = int8_wanted()  # opt-in: dynamic int8 image tower (different embeddings, own fingerprint)
+        if self.int8 and not onnxruntime_wanted(self.device, self.precision):
+            raise EncoderlabError(f"{INT8_ENV}=1 runs the image tower in ONNX Runtime, which is off or unavailable "
+                                  f"here (CPU fp32 with the onnx extra, {ENV_SWITCH} not 0)", f"unset {INT8_ENV}")
+        with self._onnx_text.pause():
+            self.embed_dim = self._probe_dim()
 
     def _set_scores(self, model_type: str | None) -> None:
         with torch.no_grad():
@@ -359,12 +368,32 @@ class HFDualEncoder(ModelBackedTrainable, _HFEncoder):
         return HFImageTransform(self.processor)
 
     def encode_pixels(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        network = self._onnx_image.network_for(self, {"pixel_values": pixel_values})
+        if network is not None:  # CPU fp32: ONNX Runtime (hf_onnx), equal to the PyTorch path below to ~1e-7
+            return self._finish(network({"pixel_values": pixel_values}), normalize)
+        if self.int8:  # the image fingerprint promises int8 embeddings: fp32 ones must not be stored under it
+            raise EncoderlabError(f"{INT8_ENV}=1: the int8 image tower of {self.spec!r} cannot run here "
+                                  f"({ENV_SWITCH}=0, training mode, or another input size)", f"unset {INT8_ENV}")
         with inference_context(self.device, self.precision):
             out = self._features(self.model.get_image_features(pixel_values=self._pixels(pixel_values)))
         return self._finish(out, normalize)
 
+    @property
+    def runtime(self) -> str:
+        """What runs the image tower: "onnxruntime" once its export is in use, else "torch"."""
+        return "onnxruntime" if self._onnx_image.network is not None else "torch"
+
+    @property
+    def text_runtime(self) -> str:
+        """What runs the text tower: "onnxruntime" once its export is in use, else "torch"."""
+        return "onnxruntime" if self._onnx_text.network is not None else "torch"
+
     def encode_text_batch(self, texts: list[str]) -> torch.Tensor:
-        batch = self._to_device(self.tokenize(texts))
+        tokens = self.tokenize(texts)
+        network = self._onnx_text.network_for(self, tokens)
+        if network is not None:  # dynamic sequence axis: the per-batch padding trim still applies
+            return network(tokens).float()
+        batch = self._to_device(tokens)
         with inference_context(self.device, self.precision):
             out = self._features(self.model.get_text_features(**batch))
         return out.float().cpu()
@@ -380,6 +409,13 @@ class HFDualEncoder(ModelBackedTrainable, _HFEncoder):
             "tokenizer": self.tokenization.config(),
             "pooling": "model",  # get_image_features / get_text_features: the family's own projection
         }
+
+    def fingerprint(self, modality: Any = None) -> str:
+        """As ``Encoder.fingerprint``; an int8 image tower gives other image embeddings, so another image key
+        (texts, still fp32, keep theirs). fp32 ONNX Runtime and PyTorch agree to ~1e-7 and share one."""
+        if not self.int8 or modality == "text":
+            return super().fingerprint(modality)
+        return json_digest({"base": super().fingerprint(modality), "image_tower": "onnxruntime-int8-dynamic"})
 
     # ---- the trainable contract (encoders.trainable): the same features, with gradients ---------------------
     def tower_layout(self, tower: str) -> TowerLayout:
@@ -406,6 +442,8 @@ class HFDualEncoder(ModelBackedTrainable, _HFEncoder):
 
     def _weights_changed(self) -> None:
         self._parts = None  # the weight digest is recomputed on the next fingerprint
+        self._onnx_image.reset()  # and the ONNX exports of the old weights are not used again
+        self._onnx_text.reset()
 
 
 def _dual_family(model_id: str, config: Any) -> DualFamily:
