@@ -163,6 +163,19 @@ def test_weights_written_in_place_are_not_served_from_the_old_export(tiny_clip_d
     assert len(_compiled(tmp_path)) == 2 and enc.fingerprint("image") != fingerprint
 
 
+def test_fingerprint_follows_load_state_dict_before_any_encoding(tiny_clip_dir, monkeypatch):
+    """A digest taken before ``load_state_dict`` must not name the new weights: embeddings of other weights would
+    land in the old weights' store space (and the old export would be looked up for them)."""
+    monkeypatch.setenv("ENCODERLAB_ONNXRUNTIME", "0")
+    enc = create_encoder(f"hf:{tiny_clip_dir}", device="cpu")
+    original = {k: v.clone() for k, v in enc.model.state_dict().items()}
+    fp = enc.fingerprint("image")
+    enc.model.load_state_dict({k: (v * 0.5 if v.is_floating_point() else v) for k, v in original.items()})
+    assert enc.fingerprint("image") != fp
+    enc.model.load_state_dict(original)
+    assert enc.fingerprint("image") == fp  # the same weights, the same space
+
+
 def test_clip_text_padding_trimmed_equals_full_padding(tiny_clip_dir):
     enc = create_encoder(f"hf:{tiny_clip_dir}", device="cpu")
     texts = ["a cat", "a photo of a dog on a sofa", "the stock market report"]

@@ -22,7 +22,7 @@ from ..hashing import json_digest
 from ..normalize import normalize_rows
 from .base import Encoder, ScoreKind, inference_context, state_dict_digest
 from .hf_loading import load_config, load_image_processor, load_model, load_tokenizer, output_tensor, split_target
-from .hf_onnx import INT8_ENV, TowerRuntime, int8_wanted
+from .hf_onnx import INT8_ENV, TowerRuntime, int8_wanted, parameter_version
 from .onnx_runtime import ENV_SWITCH, onnxruntime_wanted
 from .registry import register_prefix
 from .trainable import ModelBackedTrainable, ParameterGroups, TowerLayout, TowerModule
@@ -253,9 +253,15 @@ class _HFEncoder(Encoder):
         self.model_type: str = getattr(model.config, "model_type", type(model).__name__)
         self._digest_exclude: list[str] = []
         self._parts: dict[str, Any] | None = None
+        self._parts_version: int | None = None
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        # Hashing every weight and the vocabulary is the slow part: do it once per encoder.
+        # Hashing every weight and the vocabulary is the slow part: do it once per encoder -- and again only when
+        # the weights were written in place since (``load_state_dict``, an optimizer step), which bumps the
+        # parameters' version counters: a digest of the old weights would key new embeddings into their space.
+        version = parameter_version(self.model)
+        if self._parts is not None and version is not None and version != self._parts_version:
+            self._weights_changed()
         if self._parts is None:
             self._parts = {
                 "adapter": self.adapter,
@@ -263,7 +269,11 @@ class _HFEncoder(Encoder):
                 "weights": state_dict_digest(self.model, exclude=self._digest_exclude),
                 **self._preprocessing_parts(),
             }
+            self._parts_version = version
         return dict(self._parts)
+
+    def _weights_changed(self) -> None:
+        self._parts = None  # the weight digest is recomputed on the next fingerprint
 
     def _preprocessing_parts(self) -> dict[str, Any]:
         """Image processor / tokenizer / pooling config: whatever besides weights changes the embeddings."""

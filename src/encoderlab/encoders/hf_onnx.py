@@ -87,10 +87,14 @@ class OnnxTower:
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
-def parameter_version(model: torch.nn.Module) -> int:
+def parameter_version(model: torch.nn.Module) -> int | None:
     """Sum of the parameters' in-place version counters: changes whenever an optimizer or ``load_state_dict``
-    writes a weight, so an export of older weights is never used by mistake (cheap: no tensor data is read)."""
-    return sum(p._version for p in model.parameters())
+    writes a weight, so an export of older weights is never used by mistake (cheap: no tensor data is read).
+    None when a parameter has no counter (an inference-mode tensor): then nothing can be tracked."""
+    try:
+        return sum(p._version for p in model.parameters())
+    except RuntimeError:
+        return None
 
 
 def export_key(weights_digest: str, model: torch.nn.Module, tower: str) -> str:
@@ -243,6 +247,7 @@ class TowerRuntime:
             # weights were written in place since the export (and since the digest was taken): both are stale
             getattr(encoder, "_weights_changed", self.reset)()
         if not self.tried:
+            encoder.fingerprint_parts()  # a digest older than in-place writes is renewed before it keys the export
             self.tried = True
             self.version = parameter_version(model)
             self.signature = self._signature(inputs)
