@@ -250,3 +250,12 @@ def test_on_several_nodes_the_encoder_actors_hash_the_files(engine, pairs_spec, 
     got = engine.hash_images(paths, False, encoder=enc)
     assert got == _hash_images(paths, False)
     assert got[1][-1] == {"path": str(tmp_path / "gone.png"), "reason": "missing"}
+
+
+def test_the_plan_gives_each_actor_a_gpu_or_a_share_and_one_cpu_each_on_cpus_only(engine, monkeypatch):
+    assert engine.plan() == {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}  # 2 CPUs, no GPU
+    monkeypatch.setitem(engine.info, "gpus", 2)
+    monkeypatch.setitem(engine.info, "cpus", 16)
+    assert engine.plan() == {"workers": 2, "cpus_per_worker": 8, "gpus_per_worker": 1}
+    monkeypatch.setattr(engine, "workers_asked", 4)
+    assert engine.plan() == {"workers": 4, "cpus_per_worker": 4, "gpus_per_worker": 0.5}

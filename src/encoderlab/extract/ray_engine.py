@@ -242,7 +242,9 @@ class RayEngine:
         if gpus:
             workers = self.workers_asked or gpus
             per_cpu = self.cpus_per_worker or max(1, cpus // workers)
-            return {"workers": workers, "cpus_per_worker": per_cpu, "gpus_per_worker": 1}
+            # more actors than GPUs share them (a whole GPU each would leave the extra ones unscheduled forever)
+            share = 1 if workers <= gpus else round(gpus / workers, 4)
+            return {"workers": workers, "cpus_per_worker": per_cpu, "gpus_per_worker": share}
         per_cpu = self.cpus_per_worker or (max(1, cpus // self.workers_asked) if self.workers_asked else 1)
         workers = self.workers_asked or max(1, cpus // per_cpu)
         return {"workers": workers, "cpus_per_worker": min(per_cpu, cpus), "gpus_per_worker": 0}
