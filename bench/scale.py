@@ -46,13 +46,13 @@ def run_case(name: str, encoder, ds, engine_factory, repeats: int, reference: di
     for i in range(repeats):
         store_dir = Path(tempfile.mkdtemp(prefix=f"bench-scale-{name.replace(' ', '-')}-"))
         t0 = time.perf_counter()
-        engine = engine_factory()
+        engine, owned = engine_factory()
         if engine is not None:
-            engine._drop_pools()  # every run boots its actors, as every command does
+            engine.release_workers()  # every run boots its actors, as every command does
         try:
             summary = embed_dataset(encoder, ds, EmbeddingStore(store_dir), "image", progress=False, engine=engine)
         finally:
-            if engine is not None and getattr(engine, "_owned", False):
+            if owned:
                 engine.close()
         walls.append(time.perf_counter() - t0)
         if i < repeats - 1:
@@ -89,23 +89,19 @@ def main() -> int:
     cpus = os.cpu_count() or 1
     print(f"{args.encoder} on {len(ds)} images of {args.data}, {cpus} CPUs, {args.repeats} repeats per case",
           flush=True)
-    rows = [run_case("local", encoder, ds, lambda: None, args.repeats, None)]
+    rows = [run_case("local", encoder, ds, lambda: (None, False), args.repeats, None)]
     local = rows[0]
     print(f"  local: {local['wall_s']} s", flush=True)
 
-    def cold():
-        eng = RayEngine(num_cpus=cpus)
-        eng._owned = True
-        return eng
-
-    rows.append(run_case("ray cold (start + stop cluster)", encoder, ds, cold, args.repeats, local))
+    rows.append(run_case("ray cold (start + stop cluster)", encoder, ds, lambda: (RayEngine(num_cpus=cpus), True),
+                         args.repeats, local))
     print(f"  ray cold: {rows[-1]['wall_s']} s", flush=True)
     plans = [(None, None)] + [(w, c) for w, c in ((1, cpus), (1, 1), (2, 1)) if w * c <= cpus]
     for workers, per in plans:
         with RayEngine(num_cpus=cpus, workers=workers, cpus_per_worker=per) as eng:
             p = eng.plan()
             name = f"ray ({p['workers']} x {p['cpus_per_worker']} CPU){' default' if workers is None else ''}"
-            rows.append(run_case(name, encoder, ds, lambda: eng, args.repeats, local))
+            rows.append(run_case(name, encoder, ds, lambda: (eng, False), args.repeats, local))
             print(f"  {name}: {rows[-1]['wall_s']} s", flush=True)
     for r in rows:
         r["ratio_vs_local"] = round(r["wall_s"] / local["wall_s"], 3)

@@ -146,9 +146,9 @@ def engine_scope(args: argparse.Namespace) -> Iterator[Any]:
     if getattr(args, "engine", "local") == "local":
         yield None
         return
-    from ..extract.ray_engine import open_engine
+    from ..extract.ray_engine import RayEngine
 
-    engine = open_engine("ray", address=args.ray_address, workers=args.ray_workers)
+    engine = RayEngine(args.ray_address, workers=args.ray_workers)
     try:
         yield engine
     finally:

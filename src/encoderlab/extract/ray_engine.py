@@ -45,6 +45,9 @@ HASH_BLOCK = 2048
 # Environment a worker needs to see what the driver sees (where models, compiled networks and packaged data live).
 FORWARDED_ENV = ("ENCODERLAB_HOME", "ENCODERLAB_ONNXRUNTIME", "ENCODERLAB_COMMIT_SECONDS", "HF_HOME",
                  "TRANSFORMERS_OFFLINE", "HF_HUB_OFFLINE")
+# The local cluster's object store: blocks of paths and results are small, so a few hundred MB is plenty (Ray's
+# default, 30% of RAM, would reserve GBs of /dev/shm on a laptop).
+OBJECT_STORE_BYTES = 512 * 1024 * 1024
 # Failure injection for the engine's own tests: ``kill-actor-after-commits:N`` makes the first life of each encoder
 # actor kill itself (SIGKILL, as the OOM killer or a lost node would) once it has committed N shards.
 FAULT_ENV = "ENCODERLAB_RAY_FAULT"
@@ -211,7 +214,7 @@ class RayEngine:
                                       "logging_level": logging.ERROR,
                                       "runtime_env": {"env_vars": env} if env else None}
             if self.address is None:  # "local": a new cluster of our own, never another process's by accident
-                kwargs.update(num_cpus=self.num_cpus or os.cpu_count() or 1, object_store_memory=_object_store_bytes())
+                kwargs.update(num_cpus=self.num_cpus or os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES)
             try:
                 ray.init(address=self.address or "local", **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -225,7 +228,7 @@ class RayEngine:
 
     def close(self) -> None:
         if self.ray.is_initialized():
-            self._drop_pools()
+            self.release_workers()
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
         self.started = False
@@ -268,6 +271,7 @@ class RayEngine:
         if actors:
             refs = [actors[i % len(actors)].hash.remote(b) for i, b in enumerate(blocks)]
         else:
+            self.release_workers()  # idle encoder actors hold the CPUs these tasks need
             refs = [self.ray.remote(num_cpus=1, max_retries=3)(_hash_block).remote(b) for b in blocks]
         keys: list[str | None] = []
         skipped: list[dict[str, str]] = []
@@ -289,10 +293,12 @@ class RayEngine:
         from ..curate.pairs import cosine_scores
 
         n = len(image_keys)
+        if n != len(text_keys):  # tasks get slices of both: a longer list's tail would be silently left out
+            raise EncoderlabError(f"{n} image keys but {len(text_keys)} text keys", "pass one of each per pair")
         if n <= 2 * chunk_size:  # a task's start-up (it opens both spaces) costs more than scoring a few chunks
             return cosine_scores(image_space, text_space, image_keys, text_keys, chunk_size=chunk_size,
                                  progress=progress)
-        self._drop_pools()  # idle encoder actors hold the CPUs these tasks need
+        self.release_workers()  # idle encoder actors hold the CPUs these tasks need
         task = self.ray.remote(num_cpus=1, max_retries=3)(_score_block)
         size = max(chunk_size, math.ceil(n / max(1, 4 * self.info["cpus"])))
         spaces = ((str(image_space.path), image_space.fingerprint), (str(text_space.path), text_space.fingerprint))
@@ -316,7 +322,7 @@ class RayEngine:
         """The encoder's actors, started on first use and kept (one model load each) until ``close``."""
         key = (encoder.spec, encoder.precision, os.environ.get(FAULT_ENV, ""))
         if key not in self._pools:
-            self._drop_pools()  # another model's actors hold the CPUs / GPUs this pool needs
+            self.release_workers()  # another model's actors hold the CPUs / GPUs this pool needs
             plan = self.plan()
             actor = self.ray.remote(num_cpus=plan["cpus_per_worker"], num_gpus=plan["gpus_per_worker"],
                                     max_restarts=-1, max_task_retries=-1)(_EncoderWorker)
@@ -327,7 +333,8 @@ class RayEngine:
                                 for _ in range(plan["workers"])]
         return self._pools[key][: max(1, n_items)]
 
-    def _drop_pools(self) -> None:
+    def release_workers(self) -> None:
+        """Stop the encoder actors (the next encoding starts and loads them again); ``close`` does it too."""
         for actors in self._pools.values():
             for a in actors:
                 with contextlib.suppress(Exception):
@@ -360,7 +367,7 @@ class RayEngine:
                     done[r["block"]] = r
                     bar.update(len(blocks[r["block"]]))
         except BaseException as e:  # the actors may be mid-block: none is reused
-            self._drop_pools()
+            self.release_workers()
             if isinstance(e, self.ray.exceptions.RayError):
                 raise _unwrap(e) from None
             raise
@@ -383,21 +390,3 @@ class RayEngine:
                      progress: bool) -> int:
         encoded, _ = self._run(encoder, space, "text", texts, options, progress, "text")
         return encoded
-
-
-def _object_store_bytes() -> int:
-    """The local cluster's object store: blocks of paths and results are small, so a few hundred MB is plenty
-    (Ray's default, 30% of RAM, would reserve GBs of /dev/shm on a laptop)."""
-    return 512 * 1024 * 1024
-
-
-def open_engine(name: str | None, *, address: str | None = None, workers: int | None = None,
-                cpus_per_worker: int | None = None) -> Any:
-    """The engine ``--engine`` names: None for ``local`` (the default), a started ``RayEngine`` for ``ray``."""
-    if name in (None, "local"):
-        if address is not None:
-            raise EncoderlabError("--ray-address only applies to --engine ray", "add --engine ray, or drop it")
-        return None
-    if name != "ray":
-        raise EncoderlabError(f"unknown engine {name!r}", "use --engine local (this process) or --engine ray")
-    return RayEngine(address, workers=workers, cpus_per_worker=cpus_per_worker)
