@@ -561,10 +561,10 @@ def test_efficientnet_lite0_runtimes_agree_and_the_export_is_cached(tmp_path, mo
     torch.testing.assert_close(ort.encode_pixels(x[:1]), ref[:1], atol=1e-5, rtol=1e-4)  # any batch size
 
     (exported,) = (tmp_path / "compiled").glob("efficientnet-lite0-*.onnx")
-    stamp = exported.stat().st_mtime_ns
+    inode = exported.stat().st_ino  # an export replaces the file (atomic write): a new inode
     again = create_encoder("efficientnet-lite0", device="cpu")
     again.encode_pixels(x[:1])
-    assert exported.stat().st_mtime_ns == stamp  # loaded, not exported again
+    assert exported.stat().st_ino == inode  # loaded, not exported again
 
     exported.write_bytes(exported.read_bytes()[:1000])  # a damaged file is replaced, not trusted
     healed = create_encoder("efficientnet-lite0", device="cpu")

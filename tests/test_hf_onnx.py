@@ -86,11 +86,11 @@ def test_export_is_cached_across_loads(tiny_clip_dir, tmp_path):
     first.encode_pixels(_pixels(first))
     files = _compiled(tmp_path)
     assert len(files) == 1 and sum(hf_onnx.EXPORTS.values()) == 1
-    mtime = files[0].stat().st_mtime_ns
+    inode = files[0].stat().st_ino  # an export replaces the file (atomic write): a new inode
     second = create_encoder(f"hf:{tiny_clip_dir}", device="cpu")
     second.encode_pixels(_pixels(second))
     assert second.runtime == "onnxruntime"
-    assert sum(hf_onnx.EXPORTS.values()) == 1 and files[0].stat().st_mtime_ns == mtime  # loaded, not re-exported
+    assert sum(hf_onnx.EXPORTS.values()) == 1 and files[0].stat().st_ino == inode  # loaded, not re-exported
 
 
 def test_switch_off_uses_pytorch_and_writes_nothing(tiny_clip_dir, tmp_path, monkeypatch):

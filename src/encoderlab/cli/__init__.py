@@ -25,11 +25,26 @@ from typing import Any, NoReturn
 from .. import __version__
 from ..errors import EncoderlabError
 from ..results.run import json_default
-from . import align, bench_encoders, coop, curate, data, embed, encoders, finetune, index, ladder, rungs, serve, store
+from . import (
+    align,
+    bench_encoders,
+    cache,
+    coop,
+    curate,
+    data,
+    embed,
+    encoders,
+    finetune,
+    index,
+    ladder,
+    rungs,
+    serve,
+    store,
+)
 from .options import FORMATTER, examples, remove_unused_run_dir
 
 COMMAND_GROUPS = (encoders, data, store, embed, rungs, ladder, bench_encoders, align, coop, finetune, curate,
-                  index, serve)
+                  index, serve, cache)
 
 #: ``--help`` examples of the parsers that only group subcommands (registered in their modules without any)
 GROUP_EXAMPLES = {
@@ -38,6 +53,7 @@ GROUP_EXAMPLES = {
     "store": "encoderlab store list\nencoderlab store verify --repair\n"
              "encoderlab store export --encoder efficientnet-lite0 --data emoji --to emoji.parquet",
     "rungs": "encoderlab rungs list\nencoderlab rungs list knn --json",
+    "cache": "encoderlab cache list\nencoderlab cache prune --max-size 2G",
 }
 
 INTERRUPTED = "interrupted (finished work is kept; run again to resume)"

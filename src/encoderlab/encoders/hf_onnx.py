@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_open
 from ..errors import EncoderlabError
 from ..hashing import json_digest
+from .compiled_cache import write_graph
 from .hf_loading import output_tensor
 from .onnx_runtime import OPSET, compiled_path, cpu_session, onnxruntime_wanted
 
@@ -117,8 +117,7 @@ def export_tower(module: TowerFeatures, example: Inputs, path: Path, dynamic: di
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), tuple(example[n].cpu() for n in names), buffer, dynamo=False,
                           input_names=names, output_names=["embeddings"], dynamic_axes=axes, opset_version=OPSET)
-    with atomic_open(path, "wb") as f:
-        f.write(buffer.getvalue())
+    write_graph(path, buffer.getvalue())
     EXPORTS[path.name] += 1
 
 
@@ -183,8 +182,7 @@ def quantized_network(fp32: OnnxTower, module: TowerFeatures, probes: list[Input
                 warnings.simplefilter("ignore")
                 quantize_dynamic(str(fp32.path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8,
                                  per_channel=True)
-                with atomic_open(path, "wb") as f:
-                    f.write((Path(tmp) / "q.onnx").read_bytes())
+                write_graph(path, (Path(tmp) / "q.onnx").read_bytes())
             EXPORTS[path.name] += 1
         try:
             network = OnnxTower(path, threads)

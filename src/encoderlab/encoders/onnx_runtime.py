@@ -2,7 +2,8 @@
 
 EfficientNet-Lite0 (batch norms folded, fp32, 2 cores): PyTorch eager ~30 img/s, TorchScript ~33, ONNX Runtime ~70;
 outputs agree to ~1e-5. The network is exported once per (weights digest, torch and exporter version) into
-``$ENCODERLAB_HOME/compiled/`` with an atomic write, so a later run only loads it. Everything here is optional:
+``$ENCODERLAB_HOME/compiled/`` with an atomic write, so a later run only loads it (the folder is kept under a size
+budget, least recently used graphs first out: ``compiled_cache``). Everything here is optional:
 without the ``onnx`` extra (``onnxruntime`` + ``onnx``), or with ``ENCODERLAB_ONNXRUNTIME=0``, callers use PyTorch.
 """
 
@@ -17,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_open
 from ..paths import home
+from .compiled_cache import mark_used, write_graph
 
 ENV_SWITCH = "ENCODERLAB_ONNXRUNTIME"
 OPSET = 17
@@ -46,7 +47,9 @@ def cpu_session(path: Path, threads: int):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    mark_used(path)
+    return session
 
 
 class OnnxImageNetwork:
@@ -89,6 +92,5 @@ def load_or_export(module: torch.nn.Module, example: torch.Tensor, path: Path, t
             dynamic_axes={"pixel_values": {0: "batch"}, "embeddings": {0: "batch"}},
             opset_version=OPSET,
         )
-    with atomic_open(path, "wb") as f:
-        f.write(buffer.getvalue())
+    write_graph(path, buffer.getvalue())
     return OnnxImageNetwork(path, threads)
