@@ -101,6 +101,20 @@ def test_an_export_brings_the_cache_under_its_budget(tiny_clip_dir, monkeypatch)
     torch.testing.assert_close(enc.encode_pixels(pixels, normalize=True), first)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+                    reason="exports need the onnx extra")
+@pytest.mark.parametrize("spec", ["hf", "efficientnet-lite0"])
+def test_a_bad_budget_is_the_users_error_not_a_silent_pytorch_fallback(spec, tiny_clip_dir, monkeypatch):
+    enc = create_encoder(f"hf:{tiny_clip_dir}" if spec == "hf" else spec, device="cpu")
+    monkeypatch.setenv(compiled_cache.MAX_ENV, "lots")
+    from PIL import Image
+
+    pixels = torch.stack([enc.image_transform()(Image.new("RGB", (40, 28), (200, 30, 30)))])
+    with pytest.raises(EncoderlabError, match="ENCODERLAB_COMPILED_MAX='lots'"):
+        enc.encode_pixels(pixels)
+    assert compiled_cache.graphs() == []  # nothing written
+
+
 def test_cache_commands(capsys):
     _graph("a.onnx", 3000, 300)
     _graph("b.onnx", 1000, 100)

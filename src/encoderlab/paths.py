@@ -22,6 +22,11 @@ def store_dir() -> Path:
     return home() / "store"
 
 
+def compiled_dir() -> Path:
+    """Derived model files: ONNX exports (kept under a size budget, ``encoders.compiled_cache``), unzipped parts."""
+    return home() / "compiled"
+
+
 def runs_dir() -> Path:
     """Default parent of run directories."""
     return home() / "runs"

@@ -30,7 +30,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_cache_list(args: argparse.Namespace) -> dict[str, Any]:
-    from ..encoders.compiled_cache import compiled_dir, graphs, max_bytes
+    from ..encoders.compiled_cache import graphs, max_bytes
+    from ..paths import compiled_dir
     from ..retrieval.kinds import format_bytes
 
     rows = [g.as_dict() for g in graphs()]

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..atomic import atomic_open
 from ..errors import EncoderlabError
-from ..paths import home
+from ..paths import compiled_dir
 
 MAX_ENV = "ENCODERLAB_COMPILED_MAX"
 DEFAULT_MAX_BYTES = 10 << 30
@@ -40,10 +40,6 @@ class CachedGraph:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.path.name, "path": str(self.path), "bytes": self.bytes,
                 "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.last_used))}
-
-
-def compiled_dir() -> Path:
-    return home() / "compiled"
 
 
 def max_bytes(value: str | None = None) -> int | None:
@@ -81,7 +77,7 @@ def graphs(root: Path | None = None) -> list[CachedGraph]:
     except FileNotFoundError:
         return []
     for entry in entries:
-        if not entry.name.endswith(".onnx") or entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+        if not entry.name.endswith(".onnx") or not entry.is_file(follow_symlinks=False):  # writers' temps: *.tmp
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -118,8 +114,12 @@ def prune(limit: int | None, root: Path | None = None, dry_run: bool = False) ->
 
 
 def write_graph(path: Path, data: bytes) -> None:
-    """Write an exported graph atomically, keep it for this process, then bring the cache back under its budget."""
+    """Write an exported graph atomically, keep it for this process, then bring the cache back under its budget.
+
+    The budget is read first: a bad ``$ENCODERLAB_COMPILED_MAX`` is the user's error (callers that fall back to
+    PyTorch when an export fails let ``EncoderlabError`` through)."""
+    limit = max_bytes()
     with atomic_open(path, "wb") as f:
         f.write(data)
     mark_used(path)
-    prune(max_bytes(), root=path.parent)
+    prune(limit, root=path.parent)

@@ -160,6 +160,8 @@ def load_network(module: TowerFeatures, probes: list[Inputs], name: str, key: st
         warnings.warn(f"cached ONNX export {path} is {why}; exporting it again", stacklevel=4)
     try:
         export_tower(module, probes[0], path, dynamic)
+    except EncoderlabError:  # the user's setting (e.g. a bad $ENCODERLAB_COMPILED_MAX): no silent fallback
+        raise
     except Exception as e:  # noqa: BLE001 - some architectures do not export: PyTorch is always correct
         warnings.warn(f"ONNX export of {name} failed ({type(e).__name__}: {str(e)[:200]}); using PyTorch",
                       stacklevel=4)

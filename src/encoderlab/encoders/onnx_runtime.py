@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..paths import home
+from ..paths import compiled_dir
 from .compiled_cache import mark_used, write_graph
 
 ENV_SWITCH = "ENCODERLAB_ONNXRUNTIME"
@@ -69,7 +69,7 @@ def compiled_path(name: str, digest: str) -> Path:
     """Where the exported network of these weights lives; torch's version is in the name (the exporter's output
     can change between releases)."""
     tag = torch.__version__.split("+")[0]
-    return home() / "compiled" / f"{name}-{digest[:16]}-torch{tag}-opset{OPSET}.onnx"
+    return compiled_dir() / f"{name}-{digest[:16]}-torch{tag}-opset{OPSET}.onnx"
 
 
 def load_or_export(module: torch.nn.Module, example: torch.Tensor, path: Path, threads: int) -> OnnxImageNetwork:

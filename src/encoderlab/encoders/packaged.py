@@ -197,6 +197,8 @@ class EfficientNetLiteEncoder(ModelBackedTrainable, Encoder):
                 self._traced = load_or_export(eager, example[:1], path, torch.get_num_threads())
                 self.runtime = "onnxruntime"
                 return self._traced
+            except EncoderlabError:  # the user's setting (e.g. a bad $ENCODERLAB_COMPILED_MAX): no silent fallback
+                raise
             except Exception as e:  # noqa: BLE001 - an optimization only: say so, then fall back
                 warnings.warn(f"ONNX Runtime unavailable for {self.name} ({e}); using PyTorch", stacklevel=2)
         # TorchScript is deprecated in favour of torch.compile, whose compile time (~50 s here) outweighs its gain
@@ -522,10 +524,10 @@ def mpnet_model_dir() -> Path:
 
     from ..atomic import process_umask
     from ..hashing import json_digest
-    from ..paths import home
+    from ..paths import compiled_dir
 
     parts = mpnet_parts()
-    target = home() / "compiled" / f"{_MPNET_DIR}-{json_digest([p.stat().st_size for p in parts])[:16]}"
+    target = compiled_dir() / f"{_MPNET_DIR}-{json_digest([p.stat().st_size for p in parts])[:16]}"
     if (target / _DONE).is_file():
         return target / _MPNET_DIR
     target.parent.mkdir(parents=True, exist_ok=True)
